@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One set-up path for README, CI and tests: Debian packages, the venv, /dev/kvm, the daemons.
+# Idempotent: every step checks before it acts, so a second run takes about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+DEB_PACKAGES=(
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev pkg-config
+  qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs nftables iproute2
+  cloud-init kmod
+)
+
+if [ "$(id -u)" != 0 ]; then
+  log "must run as root (installs Debian packages, starts libvirtd)"; exit 1
+fi
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# /dev/kvm: group kvm, mode 0660, as udev sets it. Without this libvirt's capability cache never
+# matches and every createXML re-probes QEMU (36-51 s). See HOST.md.
+if [ -e /dev/kvm ]; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
+# Daemons: systemd where it runs, by hand otherwise (virtlogd first: createXML needs its socket).
+if [ -d /run/systemd/system ]; then
+  systemctl start virtlogd libvirtd
+else
+  pgrep -x virtlogd >/dev/null || { log "starting virtlogd"; virtlogd -d; }
+  pgrep -x libvirtd >/dev/null || { log "starting libvirtd"; libvirtd -d; }
+fi
+for _ in $(seq 1 100); do
+  [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1
+done
+
+# The venv with vmiso installed editable, extensions built. Re-run pip only when inputs changed.
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || { log "creating .venv"; "$PY" -m venv .venv; }
+stamp=.venv/.vmiso-setup-stamp
+inputs=$( (cat setup.py requirements-dev.txt vmiso/_fast/*.pyx 2>/dev/null || true) | sha256sum | cut -d" " -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
+  log "installing Python packages into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r requirements-dev.txt
+  .venv/bin/pip install -q --no-build-isolation -e .
+  echo "$inputs" > "$stamp"
+fi
+log "ready"

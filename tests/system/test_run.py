@@ -1,0 +1,150 @@
+"""`vmiso run` end to end on the real libvirtd and QEMU, booting the real micro guest."""
+import hashlib
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from .conftest import vmiso_cli
+
+pytestmark = pytest.mark.system
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def container_dir(workdir, cid):
+    return os.path.join(workdir, "containers", cid)
+
+
+def test_output_streams_and_exit_code(workdir, cid):
+    proc = vmiso_cli("run", "--name", cid, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == b"out\n"
+    assert proc.stderr == b"err\n"
+    assert not os.path.exists(container_dir(workdir, cid))
+
+
+def test_arguments_arrive_byte_exact(workdir, cid):
+    proc = vmiso_cli("run", "--name", cid, "--", "printf", "%s|", "a b", "$(id)", "it's", "ü", '"q"')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "a b|$(id)|it's|ü|\"q\"|".encode()
+
+
+def test_output_without_trailing_newline_and_binary(workdir, cid):
+    proc = vmiso_cli("run", "--name", cid, "--", "sh", "-c", r"printf 'no newline\0\377\r\n\nend'")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"no newline\0\377\r\n\nend"
+
+
+def test_env_and_workdir_in_guest(workdir, cid):
+    proc = vmiso_cli("run", "--name", cid, "-e", "GREETING=hi there", "-e", "MULTI=a=b", "-w", "/tmp", "--",
+                     "sh", "-c", 'echo "$GREETING|$MULTI|$(pwd)"')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"hi there|a=b|/tmp\n"
+
+
+def test_disks_are_isolated_and_base_untouched(workdir, cid):
+    from vmiso.image import micro
+
+    base = micro.find_micro(workdir).base
+    before = sha256(base)
+    first = vmiso_cli("run", "--name", cid, "--", "touch", "/bombino.txt")
+    assert first.returncode == 0, first.stderr
+    second = vmiso_cli("run", "--name", cid + "b", "--", "ls", "/bombino.txt")
+    assert second.returncode != 0
+    assert b"No such file" in second.stderr
+    assert sha256(base) == before
+
+
+def test_resources_reach_the_guest(workdir, cid):
+    proc = vmiso_cli("run", "--name", cid, "--cpus", "2", "--mem", "512", "--",
+                     "sh", "-c", "nproc; grep MemTotal /proc/meminfo")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().split("\n")
+    assert lines[0] == "2"
+    mem_kib = int(lines[1].split()[1])
+    assert 400 * 1024 < mem_kib <= 512 * 1024  # the kernel keeps some for itself
+
+
+def test_timeout_kills_with_reason_timeout(workdir, cid):
+    proc = vmiso_cli("run", "--name", cid, "--timeout", "2", "--", "sleep", "600")
+    assert proc.returncode == 124, proc.stderr
+    assert b"timeout" in proc.stderr
+
+
+def test_detach_then_kill_gives_killed(workdir, cid):
+    started = vmiso_cli("run", "-d", "--name", cid, "--", "sleep", "600")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.decode().strip() == cid
+    ps = json.loads(vmiso_cli("ps", "--json").stdout)
+    assert [s["state"] for s in ps if s["container_id"] == cid] == ["RUNNING"]
+    killed = vmiso_cli("kill", "--grace", "0", cid)
+    assert killed.returncode == 0, killed.stderr
+    assert killed.stdout.decode().split() == [cid, "KILLED", "destroyed"]
+    waited = vmiso_cli("wait", "--json", cid)
+    assert waited.returncode == 137
+    assert json.loads(waited.stdout) == {"state": "KILLED", "reason": "destroyed", "exit_code": None,
+                                         "message": "the task was killed"}
+    assert vmiso_cli("rm", cid).returncode == 0
+    assert not os.path.exists(container_dir(workdir, cid))
+
+
+def test_detached_task_exit_code_seen_by_another_process(workdir, cid):
+    assert vmiso_cli("run", "-d", "--name", cid, "--", "sh", "-c", "echo done; exit 3").returncode == 0
+    waited = vmiso_cli("wait", "--json", cid)
+    assert waited.returncode == 3, waited.stderr
+    assert json.loads(waited.stdout)["reason"] == "guest-exited"
+    logs = vmiso_cli("logs", "--task", cid)
+    assert logs.stdout == b"done\n"
+    console = vmiso_cli("logs", cid)
+    assert b"VMISO-USERSPACE" in console.stdout
+    assert vmiso_cli("rm", cid).returncode == 0
+
+
+def test_qemu_killed_gives_vm_crashed(workdir, cid):
+    assert vmiso_cli("run", "-d", "--name", cid, "--", "sleep", "600").returncode == 0
+    pid_file = f"/run/libvirt/qemu/vmiso-{cid}.pid"
+    deadline = time.time() + 10
+    while not os.path.exists(pid_file) and time.time() < deadline:
+        time.sleep(0.05)
+    with open(pid_file) as f:
+        os.kill(int(f.read()), 9)
+    waited = vmiso_cli("wait", "--json", cid)
+    termination = json.loads(waited.stdout)
+    assert termination["state"] in ("FAILED", "LOST")
+    assert termination["reason"] == "vm-crashed"
+    assert termination["exit_code"] is None
+    assert vmiso_cli("rm", cid).returncode == 0
+
+
+def test_bad_image_fails_cleanly(workdir, cid, tmp_path):
+    not_an_image = tmp_path / "x.qcow2"
+    not_an_image.write_bytes(b"hello")
+    proc = vmiso_cli("run", "--name", cid, "--image", str(not_an_image), "--", "true")
+    assert proc.returncode == 125
+    assert proc.stderr.startswith(b"vmiso: error:") and proc.stderr.count(b"\n") == 1
+    assert not os.path.exists(container_dir(workdir, cid))
+
+
+def test_doctor_names_the_accelerator_and_why(workdir):
+    proc = vmiso_cli("doctor")
+    out = proc.stdout.decode()
+    line = next(line for line in out.splitlines() if "accelerator" in line)
+    with open("/proc/cpuinfo") as f:
+        has_vt = any(flag in f.read().split() for flag in ("vmx", "svm"))
+    assert ("KVM" if has_vt else "TCG") in line
+    assert "vmx/svm" in line or "KVM API" in line
+
+
+def test_virsh_sees_our_metadata(workdir, cid):
+    assert vmiso_cli("run", "-d", "--name", cid, "--", "sleep", "600").returncode == 0
+    try:
+        xml = subprocess.run(["virsh", "dumpxml", f"vmiso-{cid}"], capture_output=True, text=True).stdout
+        assert "vmiso:instance" in xml and f"<vmiso:container>{cid}</vmiso:container>" in xml
+    finally:
+        assert vmiso_cli("rm", "--grace", "0", cid).returncode == 0

@@ -1,0 +1,93 @@
+"""The task channel's exit line: found only with the right nonce at the very end; never leaks
+into the output; output bytes are never lost or reordered, however the chunks fall."""
+import random
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmiso.virt import channel
+
+NONCE = "0123456789abcdef"
+
+
+@pytest.mark.parametrize("tail,expected", [
+    (channel.exit_line(NONCE, 7), 7),
+    (b"out" + channel.exit_line(NONCE, 0), 0),
+    (channel.exit_line(NONCE, 255), 255),
+    (channel.exit_line(NONCE, 256), None),
+    (channel.exit_line("ffff", 3), None),                     # someone else's nonce
+    (channel.exit_line(NONCE, 3) + b"more", None),            # not the last bytes
+    (channel.exit_line(NONCE, 3)[:-1], None),                 # truncated
+    (b"VMISO-" + NONCE.encode() + b" EXIT 3\n", None),        # no leading newline
+    (b"", None),
+])
+def test_read_exit_code(tmp_path, tail, expected):
+    path = tmp_path / "stdout"
+    path.write_bytes(b"x" * 1000 + tail)
+    assert channel.read_exit_code(path, NONCE) == expected
+
+
+def test_read_exit_code_missing_file(tmp_path):
+    assert channel.read_exit_code(tmp_path / "nope", NONCE) is None
+
+
+def run_filter(chunks):
+    f = channel.ExitLineFilter(NONCE)
+    out = b"".join(f.feed(c) for c in chunks) + f.close()
+    return out, f.exit_code
+
+
+def split_randomly(data, rng):
+    cuts = sorted(rng.sample(range(len(data) + 1), min(len(data), rng.randint(0, 12))))
+    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=200), code=st.integers(0, 255), seed=st.integers())
+def test_filter_strips_exactly_the_exit_line(payload, code, seed):
+    data = payload + channel.exit_line(NONCE, code)
+    out, exit_code = run_filter(split_randomly(data, random.Random(seed)))
+    assert out == payload
+    assert exit_code == code
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=200), seed=st.integers())
+def test_filter_passes_output_without_exit_line_unchanged(payload, seed):
+    prefixish = channel.marker_prefix(NONCE)[: seed % 20]
+    data = payload + prefixish
+    out, exit_code = run_filter(split_randomly(data, random.Random(seed)))
+    assert out == data
+    assert exit_code is None
+
+
+def test_filter_holds_back_only_a_possible_prefix():
+    f = channel.ExitLineFilter(NONCE)
+    assert f.feed(b"hello\n") == b"hello"     # the "\n" may start the exit line
+    assert f.feed(b"world") == b"\nworld"     # it did not
+    assert f.feed(b"\nVMISO-") == b""
+    assert f.feed(NONCE.encode() + b" EXIT 4\n") == b""
+    assert f.close() == b"" and f.exit_code == 4
+
+
+def test_follow_streams_growing_files_until_finished(tmp_path):
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    done = threading.Event()
+
+    def writer():
+        for i in range(5):
+            with open(out, "ab") as f:
+                f.write(b"o%d" % i)
+            with open(err, "ab") as f:
+                f.write(b"e%d" % i)
+            time.sleep(0.02)
+        done.set()
+
+    threading.Thread(target=writer).start()
+    got = {0: b"", 1: b""}
+    for index, data in channel.follow([str(out), str(err)], finished=done.is_set, idle_check=0.05):
+        got[index] += data
+    assert got == {0: b"o0o1o2o3o4", 1: b"e0e1e2e3e4"}

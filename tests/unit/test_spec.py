@@ -1,0 +1,75 @@
+"""TaskSpec, Resources and container-id validation: every bad input gets InvalidSpec."""
+import math
+
+import pytest
+
+from vmiso import InvalidSpec, Resources, TaskSpec
+from vmiso.spec import validate_container_id
+
+BAD_IDS = ["../x", "/abs", ".", "..", "a\0b", "a\nb", "x" * 65, "<>&'\"", "]]>", "-leading", "ü", "", "a/b",
+           " a", None, 5]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_bad_container_ids_are_refused(bad):
+    with pytest.raises(InvalidSpec) as info:
+        validate_container_id(bad)
+    assert info.value.field == "container_id"
+
+
+@pytest.mark.parametrize("good", ["a", "task-1", "slurm-12_3.0", "A" * 64, "0.x"])
+def test_good_container_ids_pass(good):
+    assert validate_container_id(good) == good
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"cpus": 0}, "cpus"), ({"cpus": -1}, "cpus"), ({"cpus": math.nan}, "cpus"), ({"cpus": 1e9}, "cpus"),
+    ({"cpus": True}, "cpus"), ({"mem_mib": 0}, "mem_mib"), ({"mem_mib": 10**12}, "mem_mib"),
+    ({"mem_mib": 128.5}, "mem_mib"), ({"disk_gib": -1}, "disk_gib"), ({"disk_gib": math.inf}, "disk_gib"),
+])
+def test_bad_resources(kwargs, field):
+    with pytest.raises(InvalidSpec) as info:
+        Resources(**kwargs)
+    assert info.value.field == field
+
+
+def test_fractional_cpus_round_up_to_vcpus():
+    assert Resources(cpus=0.5).vcpus == 1
+    assert Resources(cpus=2.5).vcpus == 3
+    assert Resources(cpus=2).vcpus == 2
+    assert Resources(disk_gib=2).disk_bytes == 2 * 1024**3
+
+
+@pytest.mark.parametrize("command", [[], (), "echo hi", b"echo", ["a", 5], ["a\0b"], [b"x\0"]])
+def test_bad_commands(command):
+    with pytest.raises(InvalidSpec):
+        TaskSpec(command=command)
+
+
+def test_huge_command_refused():
+    with pytest.raises(InvalidSpec):
+        TaskSpec(command=["x" * (9 * 1024 * 1024)])
+
+
+@pytest.mark.parametrize("env", [{"1A": "x"}, {"A-B": "x"}, {"": "x"}, {"A=B": "x"}, {"A": 5}, {"A": "x\0"}])
+def test_bad_env(env):
+    with pytest.raises(InvalidSpec) as info:
+        TaskSpec(command=["true"], env=env)
+    assert info.value.field == "env"
+
+
+def test_env_values_may_hold_equals_and_newlines():
+    spec = TaskSpec(command=["true"], env={"A": "x=y\nz"})
+    assert spec.env == {"A": "x=y\nz"}
+
+
+def test_shell_helper_and_bytes_argv():
+    assert TaskSpec.shell("echo hi").command == ("/bin/sh", "-c", "echo hi")
+    assert TaskSpec(command=[b"\xff\xfe", "ü"]).command == (b"\xff\xfe", "ü")
+
+
+@pytest.mark.parametrize("kwargs", [{"timeout": 0}, {"timeout": -1}, {"image_format": "vmdk"},
+                                    {"workdir": "relative"}])
+def test_other_bad_fields(kwargs):
+    with pytest.raises(InvalidSpec):
+        TaskSpec(command=["true"], **kwargs)

@@ -1,0 +1,1 @@
+"""Usage accounting: cgroups, interface counters, ResourceStatistics."""

@@ -1,0 +1,1 @@
+"""The vmiso command line: argparse subcommands that call the API and print."""

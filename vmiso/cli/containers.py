@@ -1,0 +1,99 @@
+"""``vmiso ps|wait|kill|rm|logs``: containers that any vmiso process launched."""
+import json
+import sys
+import time
+
+from .run import exit_code_of
+
+
+def register(sub):
+    p = sub.add_parser("ps", help="list containers", description="List every container with a record in "
+                                                             "the work directory, running or ended.")
+    p.add_argument("--json", action="store_true", help="one JSON array of status objects")
+    p.set_defaults(func=ps)
+
+    p = sub.add_parser("wait", help="wait for a container to end; exit with its exit code",
+                       description="Block until the container ends, print its termination, exit with "
+                                   "the task's exit code (124 timeout, 137 killed, 125 no status).")
+    p.add_argument("id")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit 125)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=wait)
+
+    p = sub.add_parser("kill", help="stop a container's VM (record kept)",
+                       description="ACPI power button, then after --grace seconds a hard stop. The "
+                                   "record stays for wait/ps/logs; 'vmiso rm' removes it.")
+    p.add_argument("id", nargs="+")
+    p.add_argument("--grace", type=float, default=5.0, metavar="S", help="seconds before a hard stop (5)")
+    p.set_defaults(func=kill)
+
+    p = sub.add_parser("rm", help="remove a container (killing it first if it runs)")
+    p.add_argument("id", nargs="+")
+    p.add_argument("--grace", type=float, default=5.0, metavar="S")
+    p.set_defaults(func=rm)
+
+    p = sub.add_parser("logs", help="print a container's boot console (or its task output)",
+                       description="Print the boot console log; --task prints the task's stdout and stderr.")
+    p.add_argument("id")
+    p.add_argument("--task", action="store_true", help="the task's stdout/stderr instead of the console")
+    p.add_argument("-f", "--follow", action="store_true", help="with --task: keep printing until the task ends")
+    p.set_defaults(func=logs)
+
+
+def _iso(args):
+    from .main import isolator
+
+    return isolator(args)
+
+
+def ps(args):
+    iso = _iso(args)
+    statuses = [iso.status(cid) for cid in iso.recover()]
+    if args.json:
+        print(json.dumps([s.to_dict() for s in statuses], indent=1))
+        return 0
+    print(f"{'CONTAINER':<24} {'STATE':<10} {'IMAGE':<12} {'ACCEL':<5} {'AGE':>7}  EXIT/REASON")
+    for s in statuses:
+        age = f"{time.time() - (s.started_at or time.time()):.0f}s"
+        end = f"{s.termination.exit_code} {s.termination.reason}" if s.termination else ""
+        print(f"{s.container_id:<24} {s.state:<10} {s.image:<12} {s.accel:<5} {age:>7}  {end}")
+    return 0
+
+
+def wait(args):
+    iso = _iso(args)
+    termination = iso.wait(args.id, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(termination.to_dict()))
+    else:
+        print(f"{termination.state} {termination.reason} exit_code={termination.exit_code}")
+    return exit_code_of(termination)
+
+
+def kill(args):
+    iso = _iso(args)
+    for cid in args.id:
+        t = iso.kill(cid, grace=args.grace)
+        print(f"{cid} {t.state} {t.reason}")
+    return 0
+
+
+def rm(args):
+    iso = _iso(args)
+    for cid in args.id:
+        iso.destroy(cid, grace=args.grace)
+        print(cid)
+    return 0
+
+
+def logs(args):
+    iso = _iso(args)
+    if not args.task:
+        with open(iso.console_log(args.id), "rb") as f:
+            sys.stdout.buffer.write(f.read())
+        return 0
+    for name, data in iso.output(args.id, follow=args.follow):
+        stream = sys.stdout if name == "stdout" else sys.stderr
+        stream.buffer.write(data)
+        stream.buffer.flush()
+    return 0

@@ -1,0 +1,92 @@
+"""``vmiso doctor``: what this host has and lacks for vmiso, and how to fix each lack."""
+import json
+import os
+import shutil
+import stat
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+def register(sub):
+    p = sub.add_parser("doctor", help="check this host (accelerator, libvirt, tools, images)",
+                       description="Check everything vmiso needs on this host and say how to fix what is "
+                                   "missing. Exit status 1 when something vmiso needs is missing.")
+    p.add_argument("--json", action="store_true", help="one JSON array of checks")
+    p.set_defaults(func=doctor)
+
+
+def checks(args):
+    yield from _tools()
+    yield _kvm_device()
+    yield _accelerator(args)
+    yield _libvirt(args)
+    yield _micro(args)
+
+
+def _tools():
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
+                          ("virtlogd", "libvirt-daemon-system"), ("libvirtd", "libvirt-daemon-system")):
+        path = shutil.which(tool) or next((p for p in (f"/usr/sbin/{tool}",) if os.path.exists(p)), None)
+        yield ("tool " + tool, OK, path) if path else \
+            ("tool " + tool, FAIL, f"not installed: apt-get install {package} (or 'make setup')")
+
+
+def _kvm_device():
+    try:
+        st = os.stat("/dev/kvm")
+    except FileNotFoundError:
+        return ("/dev/kvm", OK, "absent (no KVM; TCG is used)")
+    mode = stat.S_IMODE(st.st_mode)
+    import grp
+
+    group = grp.getgrgid(st.st_gid).gr_name
+    if group != "kvm" or mode & 0o060 != 0o060:
+        return ("/dev/kvm", WARN, f"{group} mode {mode:o}: libvirt re-probes QEMU on every start (30-50 s). "
+                                  "Fix: chgrp kvm /dev/kvm && chmod 0660 /dev/kvm (as udev does; 'make setup')")
+    return ("/dev/kvm", OK, f"group kvm, mode {mode:o}")
+
+
+def _accelerator(args):
+    from ..virt import accel
+
+    chosen = accel.choose(args.accel)
+    return ("accelerator", OK, f"{chosen.name.upper()}: {chosen.reason}")
+
+
+def _libvirt(args):
+    from ..errors import VmisoError
+    from ..virt.host import Host
+
+    host = Host(args.uri)
+    try:
+        conn = host.conn()
+        version = conn.getLibVersion()
+        hv = conn.getVersion()
+    except VmisoError as err:
+        return ("libvirt", FAIL, f"{err}. Start it: virtlogd -d && libvirtd -d (or systemctl start libvirtd)")
+    finally:
+        host.close()
+    return ("libvirt", OK, f"{args.uri}: libvirt {_ver(version)}, QEMU {_ver(hv)}")
+
+
+def _micro(args):
+    from ..image import micro
+
+    image = micro.find_micro(args.workdir)
+    if image is None:
+        return ("image micro", WARN, "not built: vmiso image build-micro (or 'make micro')")
+    return ("image micro", OK, f"{image.key[:12]}, kernel {image.kernel_version}")
+
+
+def _ver(n):
+    return f"{n // 1000000}.{n // 1000 % 1000}.{n % 1000}"
+
+
+def doctor(args):
+    rows = list(checks(args))
+    if args.json:
+        print(json.dumps([{"check": c, "status": s, "detail": d} for c, s, d in rows], indent=1))
+    else:
+        for check, status, detail in rows:
+            print(f"{status:<4}  {check:<22} {detail}")
+    return 1 if any(s == FAIL for _, s, _ in rows) else 0

@@ -1,0 +1,66 @@
+"""``vmiso``: the command line. Each subcommand only calls the API and prints.
+
+Exit codes: a task's own exit code for ``run``/``wait``; 124 when the task hit its timeout,
+137 when it was killed, 125 for vmiso's own failures (one line on stderr, like ``docker run``).
+"""
+import argparse
+import logging
+import os
+import sys
+
+from ..errors import VmisoError
+from . import containers, doctor, image, run
+
+EXIT_VMISO_ERROR = 125
+
+DESCRIPTION = """\
+Run tasks in their own QEMU/KVM virtual machines.
+
+  vmiso run -- sh -c 'echo hello; exit 3'     run a command in a fresh VM, print its output, exit 3
+  vmiso run -d --name job1 -- sleep 60        start it in the background
+  vmiso ps | vmiso wait job1 | vmiso kill job1 | vmiso logs job1 | vmiso rm job1
+  vmiso image build-micro                     build the small default guest (once)
+  vmiso doctor                                what this host lacks, and how to fix it
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="vmiso", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=os.environ.get("VMISO_WORKDIR", "/var/lib/vmiso"),
+                        help="work directory (default: $VMISO_WORKDIR or /var/lib/vmiso)")
+    parser.add_argument("--uri", default=os.environ.get("VMISO_URI", "qemu:///system"),
+                        help="libvirt connection URI (default: qemu:///system)")
+    parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("VMISO_ACCEL", "auto"),
+                        help="accelerator: KVM where it really works, TCG otherwise (default: auto)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what vmiso does")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in (run, containers, image, doctor):
+        module.register(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="vmiso: %(levelname)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except VmisoError as err:
+        print(f"vmiso: error: {err}", file=sys.stderr)
+        return EXIT_VMISO_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def isolator(args):
+    """The Isolator the CLI's arguments describe (imported late: --help needs no libvirt)."""
+    from ..isolator import Isolator
+
+    return Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

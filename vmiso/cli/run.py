@@ -1,0 +1,106 @@
+"""``vmiso run``: a command in a fresh VM, output streamed, exit code passed through."""
+import json
+import os
+import secrets
+import signal
+import sys
+import threading
+
+from ..errors import InvalidSpec
+from ..spec import R_DESTROYED, R_GUEST_EXITED, R_TIMEOUT, Resources, TaskSpec
+
+EXIT_TIMEOUT = 124   # as GNU timeout
+EXIT_KILLED = 137    # as docker: 128 + SIGKILL
+EXIT_NO_STATUS = 125
+
+
+def register(sub):
+    p = sub.add_parser(
+        "run", help="run a command in its own VM",
+        description="Run CMD in a new VM with a copy-on-write disk of its own. Prints the task's stdout "
+                    "and stderr as they arrive and exits with its exit code (124: timeout, 137: killed, "
+                    "125: vmiso failed). The VM and its files are removed afterwards.",
+        epilog="example: vmiso run --cpus 2 --mem 512 -- sh -c 'nproc; free -m'")
+    p.add_argument("--image", default="micro", help="micro (default) or the path of a base image")
+    p.add_argument("--format", choices=("qcow2", "raw"), help="the base image's format (default: qcow2; "
+                                                             "raw must be declared)")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs: vCPUs = ceil(N), fractions become a quota")
+    p.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest memory in MiB (default 256)")
+    p.add_argument("--disk", type=float, metavar="GiB", help="root disk size in GiB (default: the image's)")
+    p.add_argument("--timeout", type=float, metavar="S", help="kill the task after S seconds (exit 124)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
+    p.add_argument("-w", "--workdir-in-guest", dest="guest_workdir", metavar="DIR",
+                   help="working directory inside the guest (default /)")
+    p.add_argument("--name", help="container id (default: a random one)")
+    p.add_argument("-d", "--detach", action="store_true", help="print the container id and return at once")
+    p.add_argument("--json", action="store_true", help="with -d: print the status as JSON")
+    p.add_argument("cmd", nargs="+", metavar="CMD [ARG...]", help="the command and its arguments")
+    p.set_defaults(func=run)
+
+
+def parse_env(pairs):
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidSpec("env", f"{pair!r} is not NAME=VALUE")
+        env[name] = value
+    return env
+
+
+def spec_from_args(args):
+    resources = Resources(cpus=args.cpus, mem_mib=args.mem, disk_gib=args.disk)
+    return TaskSpec(command=[os.fsencode(a) for a in args.cmd], env=parse_env(args.env), resources=resources,
+                    image=args.image, image_format=args.format, timeout=args.timeout,
+                    workdir=args.guest_workdir)
+
+
+def exit_code_of(termination):
+    if termination.reason == R_GUEST_EXITED:
+        return termination.exit_code
+    if termination.reason == R_TIMEOUT:
+        return EXIT_TIMEOUT
+    if termination.reason == R_DESTROYED:
+        return EXIT_KILLED
+    return EXIT_NO_STATUS
+
+
+def run(args):
+    from .main import isolator
+
+    spec = spec_from_args(args)
+    iso = isolator(args)
+    container_id = args.name or "run-" + secrets.token_hex(4)
+    status = iso.launch(container_id, spec)
+    if args.detach:
+        print(json.dumps(status.to_dict()) if args.json else container_id)
+        return 0
+    return _attach(iso, container_id)
+
+
+def _attach(iso, container_id):
+    """Stream the output, wait, remove the VM. SIGINT/SIGTERM kill the task first."""
+    received = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        threading.Thread(target=iso.kill, args=(container_id,), kwargs={"grace": 0}, daemon=True).start()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        for name, data in iso.output(container_id):
+            streams[name].write(data)
+            streams[name].flush()
+        termination = iso.wait(container_id)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        iso.destroy(container_id, grace=0)
+    if received:
+        return 128 + received[0]
+    code = exit_code_of(termination)
+    if termination.reason != R_GUEST_EXITED:
+        print(f"vmiso: {termination.message} ({termination.state}, {termination.reason})", file=sys.stderr)
+    return code
+

@@ -1,0 +1,29 @@
+"""Named fault points on every launch and destroy step, for tests that crash vmiso there.
+
+``VMISO_FAULT=<point>`` makes ``hit(point)`` SIGKILL the process (a crash, not an exception);
+``VMISO_FAULT=<point>:raise`` raises FaultInjected instead. Unset, ``hit`` costs one dict lookup.
+"""
+import os
+import signal
+
+from .errors import VmisoError
+
+LAUNCH_POINTS = ("launch:dir", "launch:checkpoint", "launch:overlay", "launch:seed", "launch:create",
+                 "launch:running")
+DESTROY_POINTS = ("destroy:kill", "destroy:stopped", "destroy:cleanup")
+
+
+class FaultInjected(VmisoError):
+    """Raised at a fault point configured with ':raise'."""
+
+
+def hit(point):
+    spec = os.environ.get("VMISO_FAULT")
+    if not spec:
+        return
+    name, _, mode = spec.partition(":")
+    if name != point:
+        return
+    if mode == "raise":
+        raise FaultInjected(f"fault injected at {point}")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,35 @@
+#!/bin/sh
+# vmiso task wrapper (the guest side of the task contract; same file for micro and cloud-init).
+# Usage: task.sh DIR. DIR holds the task as data, never as shell text: argv and env are files of
+# base64 lines (one argument / one NAME=VALUE each), nonce is this launch's random marker.
+# The task's stdout goes to the task channel (/dev/ttyS1), its stderr to /dev/ttyS2; the last
+# thing written to the task channel is "\nVMISO-<nonce> EXIT <code>\n"; then the VM powers off.
+d=${1:?usage: task.sh DIR}
+out=/dev/ttyS1
+err=/dev/ttyS2
+# Raw mode: no "\n" -> "\r\n" translation, so the host receives the task's bytes exactly.
+for tty in "$out" "$err"; do stty -F "$tty" raw -echo 2>/dev/null; done
+nonce=$(cat "$d/nonce")
+
+# decode B64: sets $v to the decoded bytes, trailing newlines included (the x guards them).
+decode() { v=$(printf '%s' "$1" | base64 -d; echo x); v=${v%x}; }
+
+set --
+while IFS= read -r line; do decode "$line"; set -- "$@" "$v"; done < "$d/argv"
+while IFS= read -r line; do decode "$line"; export "$v"; done < "$d/env"
+unset line v
+workdir=/
+if [ -s "$d/workdir" ]; then decode "$(cat "$d/workdir")"; workdir=$v; fi
+
+if cd "$workdir" 2>"$err"; then
+  "$@" </dev/null >"$out" 2>"$err"
+  code=$?
+else
+  code=126
+fi
+printf '\nVMISO-%s EXIT %d\n' "$nonce" "$code" >"$out"
+# stty applies its settings with TCSADRAIN: it returns once both ports have sent every byte.
+stty -F "$out" raw 2>/dev/null
+stty -F "$err" raw 2>/dev/null
+sync
+poweroff -f

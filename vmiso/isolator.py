@@ -1,0 +1,401 @@
+"""The Isolator: the Mesos-containerizer-shaped facade an agent calls.
+
+It orchestrates (validate, image, overlay, seed, domain, checkpoint) and owns the rollback order;
+it makes no libvirt or netlink call of its own (virt/ and net/ do). Every step that creates
+something has an undo, and a failed launch undoes what it did. The truth about a container is
+derived from its checkpoint, libvirt's live domains and the task channel, so any process (the
+agent after a restart, another ``vmiso`` command) sees the same thing.
+"""
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+
+from . import faults, state
+from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, Timeout, VmisoError
+from .image import qcow2, seed
+from .image.resolve import resolve
+from .paths import CONSOLE_LOG, DEFAULT_WORKDIR, OVERLAY, SEED, STDERR, STDOUT, Workdir
+from .spec import (
+    FAILED,
+    FINISHED,
+    KILLED,
+    LOST,
+    R_DESTROYED,
+    R_GUEST_EXITED,
+    R_LAUNCH_FAILED,
+    R_NO_EXIT_STATUS,
+    R_TIMEOUT,
+    R_VM_CRASHED,
+    ContainerStatus,
+    TaskSpec,
+    Termination,
+    validate_container_id,
+)
+from .virt import accel as accel_mod
+from .virt import channel, domain
+from .virt.host import DEFAULT_URI, Host
+
+log = logging.getLogger(__name__)
+
+DOMAIN_PREFIX = "vmiso-"
+RECONCILE_EVERY = 5.0  # events are hints: wait() re-checks libvirt this often
+
+
+class _Container:
+    """In-memory state of one container this process supervises."""
+
+    def __init__(self, container_id, directory, checkpoint):
+        self.id = container_id
+        self.dir = directory
+        self.checkpoint = checkpoint
+        self.cond = threading.Condition()
+        self.stop_detail = None       # how libvirt says the domain stopped ("shutdown", "failed", ...)
+        self.termination = None
+        self.timer = None
+
+    @property
+    def domain(self):
+        return self.checkpoint.domain
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+class Isolator:
+    """Runs tasks in VMs. Thread-safe; one per agent process.
+
+    ``agent_id`` is written into each domain's metadata: recover() only ever touches domains that
+    carry this agent's id, so two agents on one host never kill each other's VMs.
+    """
+
+    def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso"):
+        self.workdir = Workdir(workdir)
+        self.host = Host(uri)
+        self.accel = accel_mod.choose(accel)
+        self.agent_id = agent_id
+        self._containers = {}
+        self._ended = {}  # destroyed containers' terminations, so wait() after destroy() answers
+        self._lock = threading.RLock()
+
+    # --- launch -----------------------------------------------------------------------------
+    def launch(self, container_id, spec):
+        """Start ``spec`` in a new VM; return its ContainerStatus. LaunchFailed leaves nothing."""
+        validate_container_id(container_id)
+        if not isinstance(spec, TaskSpec):
+            raise InvalidSpec("spec", "must be a vmiso.TaskSpec")
+        self.workdir.ensure()
+        image = resolve(self.workdir, spec.image, spec.image_format)
+        size = spec.resources.disk_bytes
+        if size is not None and size < image.virtual_size:
+            raise InvalidSpec("disk_gib", f"{spec.resources.disk_gib} GiB is smaller than the image "
+                                          f"({image.virtual_size / 1024**3:.2f} GiB)")
+        with self._lock:
+            if container_id in self._containers:
+                raise AlreadyExists("container", container_id)
+            try:
+                directory = str(self.workdir.make_container_dir(container_id))
+            except FileExistsError as err:
+                raise AlreadyExists("container", container_id) from err
+            checkpoint = state.Checkpoint(
+                container_id=container_id, agent_id=self.agent_id, domain=DOMAIN_PREFIX + container_id,
+                nonce=secrets.token_hex(16), boot_id=state.boot_id(), accel=self.accel.name,
+                image=image.name, base=image.base, created_at=time.time(),
+                deadline=time.time() + spec.timeout if spec.timeout else None,
+            )
+            c = _Container(container_id, directory, checkpoint)
+            self._containers[container_id] = c
+        step = "dir"
+        try:
+            faults.hit("launch:dir")
+            step = "checkpoint"
+            state.write(directory, checkpoint)
+            faults.hit("launch:checkpoint")
+            step = "overlay"
+            qcow2.create_overlay(c.path(OVERLAY), image.base, image.base_format, size=size)
+            faults.hit("launch:overlay")
+            step = "seed"
+            files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=_hostname(container_id),
+                                    argv=spec.command, env=spec.env, nonce=checkpoint.nonce,
+                                    workdir=spec.workdir)
+            seed.write_seed(c.path(SEED), files)
+            faults.hit("launch:seed")
+            step = "xml"
+            xml = self._domain_xml(c, spec, image)
+            step = "create"
+            self.host.watch(c.domain, lambda event, detail: self._on_lifecycle(c, event, detail))
+            self.host.create(xml)
+            faults.hit("launch:create")
+            step = "running"
+            checkpoint.phase = state.RUNNING
+            state.write(directory, checkpoint)
+            faults.hit("launch:running")
+        except BaseException as err:
+            self._undo_launch(c)
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise LaunchFailed(container_id, step, err) from err
+        self._arm_timer(c)
+        return self.status(container_id)
+
+    def _domain_xml(self, c, spec, image):
+        config = domain.design(
+            name=c.domain, uuid=str(uuid.uuid4()), accel=self.accel, resources=spec.resources,
+            overlay=c.path(OVERLAY), base=image.base, base_format=image.base_format, seed=c.path(SEED),
+            logs=(c.path(CONSOLE_LOG), c.path(STDOUT), c.path(STDERR)),
+            metadata={"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id},
+            boot=image if image.kernel else None,
+        )
+        return config.to_xml()
+
+    def _undo_launch(self, c):
+        """Remove whatever a failed launch made: the domain, then the files, then the record."""
+        try:
+            dom = self.host.lookup(c.domain)
+            if dom is not None:
+                self.host.destroy(dom)
+        except VmisoError as err:
+            log.warning("undoing launch of %s: %s", c.id, err)
+        self.host.unwatch(c.domain)
+        self.workdir.remove_container_dir(c.id)
+        with self._lock:
+            self._containers.pop(c.id, None)
+
+    # --- events and conclusions -------------------------------------------------------------
+    def _on_lifecycle(self, c, event, detail):
+        if event == "stopped":
+            with c.cond:
+                c.stop_detail = detail
+            # Conclude off the event thread: it must never block on file I/O or locks.
+            threading.Thread(target=self._conclude, args=(c,), daemon=True).start()
+
+    def _conclude(self, c):
+        """The domain is gone: decide how the task ended, record it, free the VM's disk."""
+        with c.cond:
+            if c.termination is not None:
+                return c.termination
+            try:
+                on_disk = state.read(c.dir)  # another process may have set kill_reason
+                c.checkpoint.kill_reason = on_disk.kill_reason or c.checkpoint.kill_reason
+            except state.CheckpointError:
+                pass
+            termination = _termination(c.checkpoint, c.stop_detail,
+                                       channel.read_exit_code(c.path(STDOUT), c.checkpoint.nonce))
+            c.checkpoint.phase = state.TERMINATED
+            c.checkpoint.termination = termination.to_dict()
+            try:
+                state.write(c.dir, c.checkpoint)
+            except OSError as err:
+                log.warning("cannot checkpoint termination of %s: %s", c.id, err)
+            for name in (OVERLAY, SEED):
+                try:
+                    os.unlink(c.path(name))
+                except FileNotFoundError:
+                    pass
+            if c.timer is not None:
+                c.timer.cancel()
+            self.host.unwatch(c.domain)
+            c.termination = termination
+            c.cond.notify_all()
+            return termination
+
+    def _reconcile(self, c):
+        """Events are hints: if libvirt no longer has the domain, conclude now."""
+        if c.termination is None and self.host.lookup(c.domain) is None:
+            self._conclude(c)
+
+    def _arm_timer(self, c):
+        deadline = c.checkpoint.deadline
+        if deadline is None or c.termination is not None:
+            return
+        c.timer = threading.Timer(max(0.0, deadline - time.time()), self._kill_quietly, (c.id, R_TIMEOUT))
+        c.timer.daemon = True
+        c.timer.start()
+
+    def _kill_quietly(self, container_id, reason):
+        try:
+            self.kill(container_id, grace=0, reason=reason)
+        except VmisoError as err:
+            log.warning("timeout kill of %s failed: %s", container_id, err)
+
+    # --- the API ----------------------------------------------------------------------------
+    def wait(self, container_id, timeout=None):
+        """Block until the container ends; return its Termination. Timeout if ``timeout`` passes."""
+        c = self._get(container_id, allow_ended=True)
+        if isinstance(c, Termination):
+            return c
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with c.cond:
+                if c.termination is not None:
+                    return c.termination
+                left = RECONCILE_EVERY if deadline is None else min(RECONCILE_EVERY, deadline - time.monotonic())
+                if left <= 0:
+                    raise Timeout(f"container {container_id} still running after {timeout} s")
+                c.cond.wait(left)
+                if c.termination is not None:
+                    return c.termination
+            self._reconcile(c)
+
+    def kill(self, container_id, grace=5.0, reason=R_DESTROYED):
+        """Stop the VM: ACPI power button, ``grace`` seconds, then destroy. Keeps the record
+        (wait, status, logs still answer); returns the Termination."""
+        c = self._get(container_id)
+        if c.termination is not None:
+            return c.termination
+        with c.cond:
+            c.checkpoint.kill_reason = c.checkpoint.kill_reason or reason
+            c.checkpoint.phase = state.DESTROYING
+            state.write(c.dir, c.checkpoint)
+        faults.hit("destroy:kill")
+        dom = self.host.lookup(c.domain)
+        if dom is not None and grace > 0:
+            self.host.shutdown(dom)
+            try:
+                return self.wait(container_id, timeout=grace)
+            except Timeout:
+                pass
+        if dom is not None:
+            self.host.destroy(dom)
+        faults.hit("destroy:stopped")
+        return self.wait(container_id)
+
+    def destroy(self, container_id, grace=5.0):
+        """Kill the VM if it runs, then remove everything of the container. Idempotent: an
+        unknown or already destroyed id is no error. Returns the Termination (or None)."""
+        validate_container_id(container_id)
+        try:
+            termination = self.kill(container_id, grace=grace)
+        except NotFound:
+            return self._ended.get(container_id)
+        faults.hit("destroy:cleanup")
+        self.workdir.remove_container_dir(container_id)
+        with self._lock:
+            self._containers.pop(container_id, None)
+            self._ended[container_id] = termination
+        return termination
+
+    def status(self, container_id):
+        c = self._get(container_id)
+        cp = c.checkpoint
+        if c.termination is not None:
+            state_name = c.termination.state
+        else:
+            state_name = "LAUNCHING" if cp.phase == state.LAUNCHING else "RUNNING"
+        return ContainerStatus(
+            container_id=c.id, state=state_name, domain=cp.domain, accel=cp.accel,
+            pid=Host.pid(cp.domain) if c.termination is None else None, started_at=cp.created_at,
+            termination=c.termination, image=cp.image,
+        )
+
+    def containers(self):
+        """Ids of every container with a record in the work directory (running or ended)."""
+        return self.workdir.container_ids()
+
+    def recover(self):
+        """Adopt every checkpointed container: watch the running ones, conclude the ones whose
+        VM ended while nobody watched, fail interrupted launches. Returns the ids seen."""
+        seen = []
+        for container_id in self.workdir.container_ids():
+            try:
+                self._get(container_id)
+                seen.append(container_id)
+            except NotFound:
+                continue
+        return seen
+
+    def output(self, container_id, follow=True):
+        """Yield ("stdout"|"stderr", bytes) as the task writes them, until it has ended and
+        everything is read (``follow=False``: only what is there now). The exit line is not part
+        of the output."""
+        c = self._get(container_id)
+        names = ("stdout", "stderr")
+        exit_filter = channel.ExitLineFilter(c.checkpoint.nonce)
+        for index, data in channel.follow([c.path(STDOUT), c.path(STDERR)],
+                                          finished=lambda: not follow or c.termination is not None):
+            if index == 0:
+                data = exit_filter.feed(data)
+            if data:
+                yield names[index], data
+        rest = exit_filter.close()
+        if rest:
+            yield "stdout", rest
+
+    def console_log(self, container_id):
+        """The path of the container's boot console log."""
+        return self._get(container_id).path(CONSOLE_LOG)
+
+    # --- adoption ---------------------------------------------------------------------------
+    def _get(self, container_id, allow_ended=False):
+        validate_container_id(container_id)
+        with self._lock:
+            c = self._containers.get(container_id)
+            if c is not None:
+                return c
+            if allow_ended and container_id in self._ended:
+                return self._ended[container_id]
+            c = self._adopt(container_id)
+            self._containers[container_id] = c
+        if c.termination is None:
+            self._reconcile(c)
+            self._arm_timer(c)
+        return c
+
+    def _adopt(self, container_id):
+        """Load a container from its checkpoint and bring it under supervision."""
+        directory = str(self.workdir.container_dir(container_id))
+        try:
+            checkpoint = state.read(directory)
+        except state.CheckpointError as err:
+            if not os.path.isdir(directory):
+                raise NotFound("container", container_id) from err
+            raise
+        c = _Container(container_id, directory, checkpoint)
+        if checkpoint.termination is not None:
+            c.termination = Termination.from_dict(checkpoint.termination)
+            return c
+        if checkpoint.phase == state.LAUNCHING:
+            # An interrupted launch is failed and cleaned, never resumed.
+            dom = self.host.lookup(checkpoint.domain)
+            if dom is not None and self._owns(dom, checkpoint):
+                self.host.destroy(dom)
+            c.stop_detail = None
+            checkpoint.kill_reason = R_LAUNCH_FAILED
+            self._conclude(c)
+            return c
+        self.host.watch(checkpoint.domain, lambda event, detail: self._on_lifecycle(c, event, detail))
+        return c
+
+    def _owns(self, dom, checkpoint):
+        record = domain.parse_metadata(self.host.metadata(dom, domain.METADATA_NS))
+        return bool(record) and record.get("agent") == self.agent_id and \
+            record.get("container") == checkpoint.container_id
+
+
+def _hostname(container_id):
+    """A DNS-label hostname for the guest (ids may hold '.' and '_', labels may not)."""
+    label = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in container_id)[:63].strip("-")
+    return label or "vmiso"
+
+
+def _termination(checkpoint, stop_detail, exit_code):
+    """How a task ended, from what the guest reported, who stopped it and libvirt's detail."""
+    if exit_code is not None:
+        return Termination(FINISHED if exit_code == 0 else FAILED, R_GUEST_EXITED, exit_code,
+                           f"the task exited with status {exit_code}")
+    kill_reason = checkpoint.kill_reason
+    if kill_reason == R_TIMEOUT:
+        return Termination(FAILED, R_TIMEOUT, None, "the task ran past its timeout and was killed")
+    if kill_reason == R_DESTROYED:
+        return Termination(KILLED, R_DESTROYED, None, "the task was killed")
+    if kill_reason == R_LAUNCH_FAILED:
+        return Termination(FAILED, R_LAUNCH_FAILED, None, "the launch was interrupted")
+    if stop_detail == "shutdown":
+        return Termination(FAILED, R_NO_EXIT_STATUS, None, "the guest powered off without reporting an exit status")
+    if stop_detail in ("crashed", "failed"):
+        return Termination(FAILED, R_VM_CRASHED, None, "the VM crashed (QEMU ended unexpectedly)")
+    if stop_detail == "destroyed":
+        return Termination(FAILED, R_VM_CRASHED, None, "the VM was destroyed outside vmiso")
+    return Termination(LOST, R_VM_CRASHED, None, "the VM ended while nobody watched, without an exit status")

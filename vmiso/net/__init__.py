@@ -1,0 +1,1 @@
+"""Host networking for guests (bridges, taps, filters, addresses)."""

@@ -1,0 +1,171 @@
+"""The data vmiso takes and gives: frozen dataclasses, validated when they are made.
+
+TaskSpec and Resources come in (from the agent or the CLI); Termination, ContainerStatus and
+(later) ResourceStatistics go out. Field names follow Mesos where Mesos has one.
+"""
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .errors import InvalidSpec
+
+# Container ids become paths, domain names and interface-name hashes: a strict pattern, checked
+# before an id touches anything. First character alphanumeric (no '-', '.', '..'), at most 64.
+CONTAINER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ACCELS = ("auto", "kvm", "tcg")
+
+MAX_CPUS = 256
+MIN_MEM_MIB = 64
+MAX_MEM_MIB = 4 * 1024 * 1024  # 4 TiB: anything above is a typo, not a VM
+MAX_DISK_GIB = 64 * 1024
+MAX_ARGV_BYTES = 8 * 1024 * 1024
+
+
+def validate_container_id(container_id):
+    """Return ``container_id`` if it matches CONTAINER_ID_RE, raise InvalidSpec otherwise."""
+    if not isinstance(container_id, str) or not CONTAINER_ID_RE.fullmatch(container_id):
+        raise InvalidSpec(
+            "container_id",
+            f"{container_id!r} is not a valid id (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit)",
+        )
+    return container_id
+
+
+def _number(name, value, low, high, integral=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidSpec(name, f"must be a number, not {type(value).__name__}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidSpec(name, f"{value!r} is outside {low}..{high}")
+    if integral and value != int(value):
+        raise InvalidSpec(name, f"{value!r} must be a whole number")
+    return value
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a task may use. ``cpus`` may be fractional (a CPU quota on ceil(cpus) vCPUs);
+    ``mem_mib`` is guest RAM; ``disk_gib`` is the root disk's virtual size (None: the base's)."""
+
+    cpus: float = 1.0
+    mem_mib: int = 256
+    disk_gib: Optional[float] = None
+
+    def __post_init__(self):
+        _number("cpus", self.cpus, 0.01, MAX_CPUS)
+        _number("mem_mib", self.mem_mib, MIN_MEM_MIB, MAX_MEM_MIB, integral=True)
+        if self.disk_gib is not None:
+            _number("disk_gib", self.disk_gib, 1 / 1024, MAX_DISK_GIB)
+
+    @property
+    def vcpus(self):
+        return max(1, math.ceil(self.cpus))
+
+    @property
+    def disk_bytes(self):
+        return None if self.disk_gib is None else int(self.disk_gib * 1024**3)
+
+
+def _argv_item(i, item):
+    if isinstance(item, str):
+        try:
+            encoded = item.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as err:
+            raise InvalidSpec(f"command[{i}]", "is not encodable as bytes") from err
+    elif isinstance(item, bytes):
+        encoded = item
+    else:
+        raise InvalidSpec(f"command[{i}]", f"must be str or bytes, not {type(item).__name__}")
+    if b"\0" in encoded:
+        raise InvalidSpec(f"command[{i}]", "contains a NUL byte (impossible in an argv)")
+    return encoded
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: ``command`` is an argv (str or bytes items; never parsed by a shell unless it
+    is one, e.g. ``TaskSpec.shell("echo hi")``)."""
+
+    command: tuple
+    env: dict = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    image: str = "micro"
+    image_format: Optional[str] = None
+    timeout: Optional[float] = None
+    workdir: Optional[str] = None
+
+    def __post_init__(self):
+        if isinstance(self.command, (str, bytes)) or not self.command:
+            raise InvalidSpec("command", "must be a non-empty list of arguments (use TaskSpec.shell for a string)")
+        object.__setattr__(self, "command", tuple(self.command))
+        total = sum(len(_argv_item(i, a)) for i, a in enumerate(self.command))
+        if total > MAX_ARGV_BYTES:
+            raise InvalidSpec("command", f"is {total} bytes; at most {MAX_ARGV_BYTES}")
+        object.__setattr__(self, "env", dict(self.env))
+        for name, value in self.env.items():
+            if not isinstance(name, str) or not ENV_NAME_RE.fullmatch(name):
+                raise InvalidSpec("env", f"{name!r} is not a valid variable name")
+            if not isinstance(value, str) or "\0" in value:
+                raise InvalidSpec("env", f"value of {name} must be a string without NUL")
+        if not isinstance(self.resources, Resources):
+            raise InvalidSpec("resources", "must be a vmiso.Resources")
+        if self.timeout is not None:
+            _number("timeout", self.timeout, 0.001, 10 * 365 * 86400)
+        if self.image_format not in (None, "qcow2", "raw"):
+            raise InvalidSpec("image_format", f"{self.image_format!r} is not qcow2 or raw")
+        if self.workdir is not None and (not self.workdir.startswith("/") or "\0" in self.workdir):
+            raise InvalidSpec("workdir", "must be an absolute path")
+
+    @classmethod
+    def shell(cls, script, **kwargs):
+        """A task that runs ``script`` with /bin/sh -c."""
+        return cls(command=("/bin/sh", "-c", script), **kwargs)
+
+
+# Terminal states (Mesos TaskState names without the TASK_ prefix).
+FINISHED, FAILED, KILLED, LOST = "FINISHED", "FAILED", "KILLED", "LOST"
+
+# Reasons a task ended.
+R_GUEST_EXITED = "guest-exited"        # the wrapper reported an exit code
+R_NO_EXIT_STATUS = "no-exit-status"    # the guest powered off without reporting one
+R_VM_CRASHED = "vm-crashed"            # QEMU died, or the domain vanished under us
+R_DESTROYED = "destroyed"              # vmiso was asked to kill it
+R_TIMEOUT = "timeout"                  # TaskSpec.timeout ran out
+R_LAUNCH_FAILED = "launch-failed"
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How a container ended. ``exit_code`` is None when the task never reported one."""
+
+    state: str
+    reason: str
+    exit_code: Optional[int] = None
+    message: str = ""
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(**{k: data[k] for k in ("state", "reason", "exit_code", "message") if k in data})
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """What status() reports: the domain, the state, and the termination once there is one."""
+
+    container_id: str
+    state: str  # LAUNCHING, RUNNING, or a terminal state
+    domain: str
+    accel: str
+    pid: Optional[int] = None
+    started_at: Optional[float] = None
+    termination: Optional[Termination] = None
+    image: str = ""
+
+    def to_dict(self):
+        data = asdict(self)
+        data["termination"] = self.termination.to_dict() if self.termination else None
+        return data

@@ -1,0 +1,1 @@
+"""Fixtures shipped with the package for tests (scratch work dirs, fault points)."""

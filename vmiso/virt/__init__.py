@@ -1,0 +1,1 @@
+"""The hypervisor side: libvirt connection and events, domain XML, accelerator probe."""

@@ -1,0 +1,158 @@
+"""Domain XML, built as objects and serialised with ElementTree (never string templates).
+
+``DomainConfig`` and its parts hold no policy: they say what the domain is. ``design()`` holds
+the policy: which machine, firmware, devices and limits a vmiso task gets. ``parse_metadata``
+reads back the ownership record that recover() uses to tell our domains from anyone else's.
+"""
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Optional
+
+METADATA_NS = "https://vmiso.dev/xmlns/instance/1"
+METADATA_PREFIX = "vmiso"
+QBOOT_ROM = "/usr/share/qemu/qboot.rom"
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str
+    target: str                 # vda, vdb, ...
+    format: str = "qcow2"
+    readonly: bool = False
+    backing: Optional[str] = None         # backing file, stated so libvirt never probes
+    backing_format: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    uuid: str
+    domain_type: str            # "kvm" or "qemu" (TCG)
+    vcpus: int
+    memory_mib: int
+    disks: tuple
+    serial_logs: tuple          # file per serial port: console, task stdout, task stderr
+    metadata: dict = field(default_factory=dict)
+    machine: str = "q35"
+    firmware_rom: Optional[str] = None
+    kernel: Optional[str] = None
+    initrd: Optional[str] = None
+    cmdline: Optional[str] = None
+    cpu_quota_us: Optional[int] = None  # whole-VM CFS quota per CPU_PERIOD_US, for fractional cpus
+
+    def to_xml(self):
+        return ET.tostring(self.to_element(), encoding="unicode")
+
+    def to_element(self):
+        root = ET.Element("domain", type=self.domain_type)
+        _text(root, "name", self.name)
+        _text(root, "uuid", self.uuid)
+        root.append(self._metadata_element())
+        _text(root, "memory", str(self.memory_mib), unit="MiB")
+        _text(root, "vcpu", str(self.vcpus))
+        if self.cpu_quota_us is not None:
+            tune = ET.SubElement(root, "cputune")
+            _text(tune, "global_period", str(CPU_PERIOD_US))
+            _text(tune, "global_quota", str(self.cpu_quota_us))
+        root.append(self._os_element())
+        ET.SubElement(ET.SubElement(root, "features"), "acpi")  # without ACPI, poweroff only halts
+        if self.domain_type == "kvm":
+            ET.SubElement(root, "cpu", mode="host-passthrough")
+        ET.SubElement(root, "clock", offset="utc")
+        for event in ("on_poweroff", "on_reboot", "on_crash"):
+            _text(root, event, "destroy")  # a task VM never reboots: any of these ends it
+        root.append(self._devices_element())
+        return root
+
+    def _metadata_element(self):
+        meta = ET.Element("metadata")
+        ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+        inst = ET.SubElement(meta, f"{{{METADATA_NS}}}instance")
+        for key, value in self.metadata.items():
+            _text(inst, f"{{{METADATA_NS}}}{key}", str(value))
+        return meta
+
+    def _os_element(self):
+        os_el = ET.Element("os")
+        _text(os_el, "type", "hvm", arch="x86_64", machine=self.machine)
+        if self.firmware_rom:
+            _text(os_el, "loader", self.firmware_rom, type="rom", readonly="yes")
+        if self.kernel:
+            _text(os_el, "kernel", self.kernel)
+            if self.initrd:
+                _text(os_el, "initrd", self.initrd)
+            if self.cmdline:
+                _text(os_el, "cmdline", self.cmdline)
+        else:
+            ET.SubElement(os_el, "boot", dev="hd")
+        return os_el
+
+    def _devices_element(self):
+        devices = ET.Element("devices")
+        for disk in self.disks:
+            devices.append(_disk_element(disk))
+        for port, path in enumerate(self.serial_logs):
+            serial = ET.SubElement(devices, "serial", type="file")
+            ET.SubElement(serial, "source", path=path, append="off")
+            ET.SubElement(serial, "target", port=str(port))
+        ET.SubElement(devices, "controller", type="usb", model="none")
+        ET.SubElement(devices, "memballoon", model="none")
+        return devices
+
+
+def _text(parent, tag, text, **attrs):
+    el = ET.SubElement(parent, tag, **attrs)
+    el.text = text
+    return el
+
+
+def _disk_element(disk):
+    el = ET.Element("disk", type="file", device="disk")
+    ET.SubElement(el, "driver", name="qemu", type=disk.format, discard="unmap")
+    ET.SubElement(el, "source", file=disk.path)
+    if disk.backing:
+        store = ET.SubElement(el, "backingStore", type="file")
+        ET.SubElement(store, "format", type=disk.backing_format or "qcow2")
+        ET.SubElement(store, "source", file=disk.backing)
+        ET.SubElement(store, "backingStore")  # the base has no backing file of its own
+    ET.SubElement(el, "target", dev=disk.target, bus="virtio")
+    if disk.readonly:
+        ET.SubElement(el, "readonly")
+    return el
+
+
+def parse_metadata(xml_text):
+    """The key -> value record inside our metadata element (None if it is not ours)."""
+    if not xml_text:
+        return None
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError:
+        return None
+    if root.tag not in (f"{{{METADATA_NS}}}instance", "instance"):
+        return None
+    return {child.tag.rsplit("}", 1)[-1]: (child.text or "") for child in root}
+
+
+def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot):
+    """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
+    and cmdline for direct kernel boot, or None to boot the disk (a cloud image)."""
+    quota = None
+    if resources.cpus != resources.vcpus:
+        quota = int(round(resources.cpus * CPU_PERIOD_US))
+    disks = (
+        Disk(str(overlay), "vda", "qcow2", backing=str(base), backing_format=base_format),
+        Disk(str(seed), "vdb", "raw", readonly=True),
+    )
+    return DomainConfig(
+        name=name, uuid=uuid, domain_type=accel.domain_type, vcpus=resources.vcpus,
+        memory_mib=resources.mem_mib, disks=disks, serial_logs=tuple(str(p) for p in logs),
+        metadata=metadata, cpu_quota_us=quota,
+        # qboot starts a direct-boot kernel faster than SeaBIOS; disks need a real BIOS.
+        firmware_rom=QBOOT_ROM if boot is not None and os.path.exists(QBOOT_ROM) else None,
+        kernel=str(boot.kernel) if boot is not None else None,
+        initrd=str(boot.initrd) if boot is not None else None,
+        cmdline=boot.cmdline if boot is not None else None,
+    )
