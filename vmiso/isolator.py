@@ -6,6 +6,7 @@ something has an undo, and a failed launch undoes what it did. The truth about a
 derived from its checkpoint, libvirt's live domains and the task channel, so any process (the
 agent after a restart, another ``vmiso`` command) sees the same thing.
 """
+import fcntl
 import logging
 import os
 import secrets
@@ -41,6 +42,7 @@ from .virt.host import DEFAULT_URI, Host
 log = logging.getLogger(__name__)
 
 DOMAIN_PREFIX = "vmiso-"
+LAUNCH_LOCK = "launch.lock"  # held (flock) by the launching process; free once it finished or died
 RECONCILE_EVERY = 5.0  # events are hints: wait() re-checks libvirt this often
 
 
@@ -105,6 +107,7 @@ class Isolator:
                 image=image.name, base=image.base, created_at=time.time(),
                 deadline=time.time() + spec.timeout if spec.timeout else None,
             )
+            lock_fd = _hold_launch_lock(directory)
             c = _Container(container_id, directory, checkpoint)
             self._containers[container_id] = c
         step = "dir"
@@ -134,9 +137,12 @@ class Isolator:
             faults.hit("launch:running")
         except BaseException as err:
             self._undo_launch(c)
+            os.close(lock_fd)
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             raise LaunchFailed(container_id, step, err) from err
+        os.unlink(c.path(LAUNCH_LOCK))
+        os.close(lock_fd)
         self._arm_timer(c)
         return self.status(container_id)
 
@@ -304,6 +310,8 @@ class Isolator:
                 seen.append(container_id)
             except NotFound:
                 continue
+            except state.CheckpointError as err:
+                log.warning("skipping container %s: %s", container_id, err)
         return seen
 
     def output(self, container_id, follow=True):
@@ -357,6 +365,8 @@ class Isolator:
             c.termination = Termination.from_dict(checkpoint.termination)
             return c
         if checkpoint.phase == state.LAUNCHING:
+            if _launch_in_progress(directory):
+                raise state.CheckpointError(f"container {container_id} is being launched by another process")
             # An interrupted launch is failed and cleaned, never resumed.
             dom = self.host.lookup(checkpoint.domain)
             if dom is not None and self._owns(dom, checkpoint):
@@ -372,6 +382,27 @@ class Isolator:
         record = domain.parse_metadata(self.host.metadata(dom, domain.METADATA_NS))
         return bool(record) and record.get("agent") == self.agent_id and \
             record.get("container") == checkpoint.container_id
+
+
+def _hold_launch_lock(directory):
+    fd = os.open(os.path.join(directory, LAUNCH_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _launch_in_progress(directory):
+    """True while a live process holds the container's launch lock."""
+    try:
+        fd = os.open(os.path.join(directory, LAUNCH_LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _hostname(container_id):
