@@ -21,9 +21,7 @@ def hit(point):
     spec = os.environ.get("VMISO_FAULT")
     if not spec:
         return
-    name, _, mode = spec.partition(":")
-    if name != point:
-        return
-    if mode == "raise":
+    if spec == point + ":raise":
         raise FaultInjected(f"fault injected at {point}")
-    os.kill(os.getpid(), signal.SIGKILL)
+    if spec == point:
+        os.kill(os.getpid(), signal.SIGKILL)

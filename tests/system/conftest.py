@@ -2,6 +2,7 @@
 (so micro is built once), and a check that nothing of ours is left behind after each test."""
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 
@@ -25,7 +26,12 @@ def cid():
     container_id = "t-" + secrets.token_hex(4)
     yield container_id
     leftover = subprocess.run(["virsh", "-q", "list", "--all", "--name"], capture_output=True, text=True).stdout
-    assert f"vmiso-{container_id}" not in leftover.split(), "a domain was left behind"
+    domain_left = f"vmiso-{container_id}" in leftover.split()
+    # Clean up whatever the test left (so one failure does not cascade), then report it.
+    for suffix in ("", "b"):
+        subprocess.run(["virsh", "destroy", f"vmiso-{container_id}{suffix}"], capture_output=True)
+        shutil.rmtree(os.path.join(WORKDIR, "containers", container_id + suffix), ignore_errors=True)
+    assert not domain_left, "a domain was left behind"
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ BOOT = SimpleNamespace(kernel="/img/vmlinuz", initrd="/img/initrd.img", cmdline=
 def design(resources=None, boot=BOOT, container="c1"):
     return domain.design(
         name="vmiso-" + container, uuid="5f0e6c2e-0000-4000-8000-000000000001", accel=Accel("tcg", "test"),
-        resources=resources or Resources(), overlay="/w/c/overlay.qcow2", base="/w/images/base.qcow2", base_format="qcow2",
+        resources=resources or Resources(), overlay="/w/c/overlay.qcow2", base="/w/images/base.qcow2",
+        base_format="qcow2",
         seed="/w/c/seed.iso", logs=("/w/c/console.log", "/w/c/stdout", "/w/c/stderr"),
         metadata={"agent": "a1", "container": container, "boot-id": "b"}, boot=boot)
 
