@@ -24,8 +24,16 @@ Run tasks in their own QEMU/KVM virtual machines.
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 125 like docker's: 1-124 belong to the task."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_VMISO_ERROR, f"vmiso: error: {message}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vmiso", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.environ.get("VMISO_WORKDIR", "/var/lib/vmiso"),
                         help="work directory (default: $VMISO_WORKDIR or /var/lib/vmiso)")

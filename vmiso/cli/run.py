@@ -1,4 +1,5 @@
 """``vmiso run``: a command in a fresh VM, output streamed, exit code passed through."""
+import argparse
 import json
 import os
 import secrets
@@ -34,7 +35,8 @@ def register(sub):
     p.add_argument("--name", help="container id (default: a random one)")
     p.add_argument("-d", "--detach", action="store_true", help="print the container id and return at once")
     p.add_argument("--json", action="store_true", help="with -d: print the status as JSON")
-    p.add_argument("cmd", nargs="+", metavar="CMD [ARG...]", help="the command and its arguments")
+    # REMAINDER: everything from CMD on belongs to the task, options included (as docker run).
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARG...]", help="the command and its arguments")
     p.set_defaults(func=run)
 
 
@@ -49,8 +51,11 @@ def parse_env(pairs):
 
 
 def spec_from_args(args):
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise InvalidSpec("command", "missing: vmiso run [OPTIONS] [--] CMD [ARG...]")
     resources = Resources(cpus=args.cpus, mem_mib=args.mem, disk_gib=args.disk)
-    return TaskSpec(command=[os.fsencode(a) for a in args.cmd], env=parse_env(args.env), resources=resources,
+    return TaskSpec(command=[os.fsencode(a) for a in cmd], env=parse_env(args.env), resources=resources,
                     image=args.image, image_format=args.format, timeout=args.timeout,
                     workdir=args.guest_workdir)
 

@@ -1,0 +1,56 @@
+"""The CLI without a VM: help that teaches, bad input exits 125 with one line, nothing made."""
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, workdir):
+    return subprocess.run([sys.executable, "-m", "vmiso", "--workdir", str(workdir), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_help_lists_the_commands(tmp_path):
+    out = cli("--help", workdir=tmp_path).stdout
+    for command in ("run", "ps", "wait", "kill", "rm", "logs", "image", "doctor"):
+        assert command in out
+    run_help = cli("run", "--help", workdir=tmp_path).stdout
+    assert "--timeout" in run_help and "124" in run_help
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--cpus", "0", "--", "true"], "cpus"),
+    (["run", "--mem", "1", "--", "true"], "mem_mib"),
+    (["run", "-e", "NOEQUALS", "--", "true"], "NAME=VALUE"),
+    (["run", "-e", "1BAD=x", "--", "true"], "env"),
+    (["run", "--name", "../x", "--", "true"], "container_id"),
+    (["run", "--"], "command"),
+    (["run", "--bogus"], "unrecognized"),
+    (["run", "--cpus", "many", "--", "true"], "invalid float"),
+])
+def test_bad_input_exits_125_with_one_line(tmp_path, args, needle):
+    proc = cli(*args, workdir=tmp_path / "work")
+    assert proc.returncode == 125
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vmiso: error:") and needle in last
+    assert not (tmp_path / "work" / "containers").exists() or not any((tmp_path / "work" / "containers").iterdir())
+
+
+def test_options_after_the_command_belong_to_the_task():
+    from vmiso.cli.main import build_parser
+    from vmiso.cli.run import spec_from_args
+
+    args = build_parser().parse_args(["run", "--cpus", "2", "sh", "-c", "x", "--cpus", "3"])
+    spec = spec_from_args(args)
+    assert spec.command == (b"sh", b"-c", b"x", b"--cpus", b"3")
+    assert spec.resources.cpus == 2
+
+
+def test_exit_code_mapping():
+    from vmiso.cli.run import exit_code_of
+    from vmiso.spec import Termination
+
+    assert exit_code_of(Termination("FAILED", "guest-exited", 7)) == 7
+    assert exit_code_of(Termination("FAILED", "timeout")) == 124
+    assert exit_code_of(Termination("KILLED", "destroyed")) == 137
+    assert exit_code_of(Termination("LOST", "vm-crashed")) == 125
