@@ -9,7 +9,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 DEB_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev pkg-config
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs nftables iproute2
-  cloud-init kmod
+  cloud-init kmod lz4
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -1,0 +1,197 @@
+"""The micro guest: built once per session (reused across runs by its key), booted with plain
+qemu-system-x86_64 under TCG, checked against the task contract (DESIGN.md, "Guest contract").
+
+No libvirt here on purpose: this proves the image itself; the domain XML is tested elsewhere.
+"""
+import dataclasses
+import os
+import secrets
+import stat
+from pathlib import Path
+
+import pytest
+
+from vmiso._proc import run
+from vmiso.image import micro, seed
+
+pytestmark = pytest.mark.system
+
+# Outside /tmp so a second session finds the build (and the downloaded packages) again.
+WORKDIR = Path(os.environ.get("VMISO_MICRO_TEST_WORKDIR", "/var/tmp/vmiso-test-micro"))
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+BOOT_TIMEOUT = 60
+
+
+@dataclasses.dataclass
+class Boot:
+    returncode: int
+    console: bytes
+    stdout: bytes  # the task channel, exit line included
+    stderr: bytes
+    nonce: str
+
+    def exit_code(self):
+        """The code from the trailing exit line, which must be the channel's last bytes."""
+        head, sep, tail = self.stdout.rpartition(f"\nVMISO-{self.nonce} EXIT ".encode())
+        assert sep, f"no exit line in {self.stdout!r}; console: {self.console[-2000:]!r}"
+        assert tail.endswith(b"\n") and tail[:-1].isdigit(), tail
+        return int(tail[:-1])
+
+    def task_stdout(self):
+        """The task's own stdout: the channel without the exit line."""
+        self.exit_code()
+        return self.stdout.rpartition(f"\nVMISO-{self.nonce} EXIT ".encode())[0]
+
+
+@pytest.fixture(scope="module")
+def image():
+    return micro.build_micro(WORKDIR, progress=lambda message: None)
+
+
+def new_overlay(image, path):
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image.base, "-F", image.base_format, path])
+    return path
+
+
+def qemu_argv(image, overlay, seed_iso, logs):
+    argv = [
+        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "512",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", image.kernel, "-initrd", image.initrd, "-append", micro.KERNEL_CMDLINE,
+        "-drive", f"file={overlay},if=virtio,format=qcow2",
+        "-drive", f"file={seed_iso},if=virtio,format=raw,readonly=on",
+    ]
+    if QBOOT.exists():
+        argv += ["-bios", QBOOT]
+    for n, log in enumerate(logs):  # ttyS0 console, ttyS1 task stdout, ttyS2 task stderr
+        argv += ["-chardev", f"file,id=serial{n},path={log}", "-serial", f"chardev:serial{n}"]
+    return argv
+
+
+def boot(image, workdir, argv, *, overlay=None, env=None, hostname="micro-test"):
+    """Boot once with a task; returns what the three serial ports received."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    nonce = secrets.token_hex(8)
+    files = seed.seed_files(instance_id=f"i-{nonce}", hostname=hostname, argv=argv,
+                            env=env or {}, nonce=nonce)
+    seed_iso = workdir / f"seed-{nonce}.iso"
+    seed_iso.write_bytes(seed.build_iso(files))
+    overlay = overlay or new_overlay(image, workdir / f"overlay-{nonce}.qcow2")
+    logs = [workdir / f"{name}-{nonce}.log" for name in ("console", "stdout", "stderr")]
+    proc = run(qemu_argv(image, overlay, seed_iso, logs), timeout=BOOT_TIMEOUT, check=False)
+    console, stdout, stderr = (log.read_bytes() for log in logs)
+    assert proc.returncode == 0, (proc.stderr, console[-2000:])
+    return Boot(proc.returncode, console, stdout, stderr, nonce)
+
+
+def test_stdout_stderr_and_exit_code_are_kept_apart(image, tmp_path):
+    result = boot(image, tmp_path, ["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert result.exit_code() == 7
+    assert result.task_stdout() == b"out\n"
+    assert result.stderr == b"err\n"
+    assert b"VMISO-USERSPACE" in result.console
+
+
+def test_argv_is_byte_exact(image, tmp_path):
+    args = ["a b", "$(id)", "it's", "ü", '"q"']
+    result = boot(image, tmp_path, ["printf", "%s|", *args])
+    assert result.exit_code() == 0
+    assert result.task_stdout() == "a b|$(id)|it's|ü|\"q\"|".encode()
+
+
+def test_env_hostname_and_root(image, tmp_path):
+    script = 'printf "%s\\n" "$GREETING" "$(hostname)" "$(id -u)" "$(pwd)"'
+    result = boot(image, tmp_path, ["sh", "-c", script], env={"GREETING": "hello world"},
+                  hostname="task-42")
+    assert result.exit_code() == 0
+    assert result.task_stdout() == b"hello world\ntask-42\n0\n/\n"
+
+
+def test_disk_is_isolated_per_overlay(image, tmp_path):
+    touch = ["sh", "-c", "ls /root/marker 2>/dev/null; touch /root/marker"]
+    probe = ["sh", "-c", "ls /root/marker"]
+    overlay = new_overlay(image, tmp_path / "kept.qcow2")
+    first = boot(image, tmp_path, touch, overlay=overlay)
+    assert (first.exit_code(), first.task_stdout()) == (0, b"")
+    fresh = boot(image, tmp_path, probe)
+    assert fresh.exit_code() != 0, "a fresh overlay saw another boot's file"
+    again = boot(image, tmp_path, probe, overlay=overlay)
+    assert (again.exit_code(), again.task_stdout()) == (0, b"/root/marker\n")
+
+
+def test_build_is_content_addressed_and_cached(image):
+    cache = WORKDIR / "cache" / "debs"
+
+    def snapshot():
+        return sorted((e.name, e.stat().st_ino, e.stat().st_mtime_ns) for e in os.scandir(cache))
+
+    before, image_dir = snapshot(), image.kernel.parent
+    dir_mtime = image_dir.stat().st_mtime_ns
+    messages = []
+    again = micro.build_micro(WORKDIR, progress=messages.append)
+    assert again == image
+    assert messages == [], "a second build downloaded or rebuilt something"
+    assert snapshot() == before
+    assert image_dir.stat().st_mtime_ns == dir_mtime
+    assert micro.find_micro(WORKDIR) == image
+    assert image.key == image_dir.name and len(image.key) == 64
+
+
+def test_image_files_are_read_only_and_reachable_for_qemu(image):
+    for path in (image.kernel, image.initrd, image.base):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    for directory in (WORKDIR / "images", WORKDIR / "images" / "micro", image.kernel.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) & 0o005 == 0o005
+    info = run(["qemu-img", "info", "--output=json", image.base]).stdout
+    assert '"format": "qcow2"' in info and f'"virtual-size": {image.virtual_size}' in info
+
+
+# -- the initramfs, without a VM -----------------------------------------------------------
+
+def read_newc(data):
+    """name -> (mode, rdev, data) of a newc cpio, plus the names in archive order."""
+    entries, order, pos = {}, [], 0
+    while True:
+        assert data[pos:pos + 6] == b"070701", f"bad cpio magic at {pos}"
+        fields = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, rmajor, rminor, namesize = fields[1], fields[6], fields[9], fields[10], fields[11]
+        name = data[pos + 110:pos + 110 + namesize - 1].decode()
+        start = pos + 110 + namesize
+        start += -start % 4
+        if name == "TRAILER!!!":
+            return entries, order
+        entries[name] = (mode, (rmajor, rminor), data[start:start + size])
+        order.append(name)
+        pos = start + size + (-size % 4)
+
+
+def test_initramfs_holds_init_and_modules_in_load_order(image, tmp_path):
+    entries, order = read_newc(image.initrd.read_bytes())
+    mode, _, init = entries["init"]
+    assert stat.S_ISREG(mode) and mode & 0o111 and init.startswith(b"#!/bin/busybox sh")
+    assert stat.S_ISREG(entries["bin/busybox"][0])
+    mode, rdev, _ = entries["dev/console"]
+    assert stat.S_ISCHR(mode) and rdev == (5, 1)
+    listed = entries["lib/modules/order"][2].decode().split()
+    assert listed == list(micro.MODULES)
+    archived = [n[len("lib/modules/"):-3] for n in order if n.endswith(".ko")]
+    assert archived == listed
+    loaded = set()
+    for name in listed:  # every module after the ones it depends on
+        ko = tmp_path / f"{name}.ko"
+        ko.write_bytes(entries[f"lib/modules/{name}.ko"][2])
+        depends = run(["modinfo", "-F", "depends", ko]).stdout.strip()
+        assert set(filter(None, depends.split(","))) <= loaded, (name, depends)
+        loaded.add(name)
+
+
+def test_broken_seed_powers_off_with_a_reason(image, tmp_path):
+    """No wrapper on the seed: /sbin/init says why on the console and QEMU exits by itself."""
+    seed_iso = tmp_path / "empty-seed.iso"
+    seed_iso.write_bytes(seed.build_iso({"meta-data": seed.meta_data("i-x", "x")}))
+    logs = [tmp_path / name for name in ("console", "stdout", "stderr")]
+    proc = run(qemu_argv(image, new_overlay(image, tmp_path / "o.qcow2"), seed_iso, logs),
+               timeout=BOOT_TIMEOUT, check=False)
+    assert proc.returncode == 0
+    assert b"vmiso-init: the seed has no vmiso/task.sh" in logs[0].read_bytes()
+    assert logs[1].read_bytes() == b""
