@@ -47,6 +47,16 @@ class UnsafeImage(ImageError):
     """A base image is refused: it could make QEMU open something it should not."""
 
 
+class InUse(VmisoError):
+    """Something cannot be removed: live containers (ids in ``users``) still use it."""
+
+    def __init__(self, what, name, users):
+        self.what = what
+        self.name = name
+        self.users = sorted(users)
+        super().__init__(f"{what} {name} is in use by {', '.join(self.users)}")
+
+
 class HostError(VmisoError):
     """The host lacks something vmiso needs (a package, a daemon, a device)."""
 
@@ -68,6 +78,41 @@ class VirtError(VmisoError):
     def __init__(self, message, code=None):
         self.code = code
         super().__init__(message)
+
+
+class NetworkError(VmisoError):
+    """A host network operation (netlink, nftables, tc) failed. ``errno`` is the kernel's, if any."""
+
+    def __init__(self, message, errno=None):
+        self.errno = errno
+        super().__init__(message)
+
+
+class KernelFeatureMissing(NetworkError, HostError):
+    """The running kernel lacks a feature the request needs. ``feature`` names it."""
+
+    def __init__(self, feature, message):
+        self.feature = feature
+        super().__init__(f"{message}: this kernel lacks {feature}")
+
+
+class StatsError(VmisoError):
+    """One VM's counters could not be read: its process or cgroup vanished, a file is malformed,
+    or the reader was closed. ``path`` is the file, ``errno`` the system error (None if none)."""
+
+    GONE = (2, 3, 19)  # ENOENT, ESRCH, ENODEV: what reading a vanished process or cgroup gives
+
+    def __init__(self, path, message, errno=None):
+        self.path = str(path)
+        self.errno = errno
+        super().__init__(f"{path}: {message}")
+
+    @classmethod
+    def from_errno(cls, path, errno):
+        import os
+
+        gone = " (the VM is gone)" if errno in cls.GONE else ""
+        return cls(path, f"{os.strerror(errno)}{gone}", errno)
 
 
 class LaunchFailed(VmisoError):

@@ -8,8 +8,8 @@ import signal
 
 from .errors import VmisoError
 
-LAUNCH_POINTS = ("launch:dir", "launch:checkpoint", "launch:overlay", "launch:seed", "launch:create",
-                 "launch:running")
+LAUNCH_POINTS = ("launch:dir", "launch:checkpoint", "launch:overlay", "launch:seed", "launch:network",
+                 "launch:create", "launch:running")
 DESTROY_POINTS = ("destroy:kill", "destroy:stopped", "destroy:cleanup")
 
 

@@ -15,6 +15,7 @@ import time
 import uuid
 
 from . import faults, state
+from .accounting import live as accounting
 from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, Timeout, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 DOMAIN_PREFIX = "vmiso-"
 LAUNCH_LOCK = "launch.lock"  # held (flock) by the launching process; free once it finished or died
 RECONCILE_EVERY = 5.0  # events are hints: wait() re-checks libvirt this often
+EXIT_LINE_GRACE = 2.0  # seconds virtlogd may lag behind the stop event when writing the exit line
 
 
 class _Container:
@@ -57,6 +59,9 @@ class _Container:
         self.stop_detail = None       # how libvirt says the domain stopped ("shutdown", "failed", ...)
         self.termination = None
         self.timer = None
+        self.op = threading.Lock()   # serialises launch, kill and destroy of this container
+        self.timeline = {}           # step name -> time.monotonic() when it completed (this process)
+        self.removed = False         # set once destroy() (or a failed launch) removed it
 
     @property
     def domain(self):
@@ -78,6 +83,7 @@ class Isolator:
         self.host = Host(uri)
         self.accel = accel_mod.choose(accel)
         self.agent_id = agent_id
+        self.host.on_reconnect = self._reconcile_all
         self._containers = {}
         self._ended = {}  # destroyed containers' terminations, so wait() after destroy() answers
         self._lock = threading.RLock()
@@ -85,11 +91,13 @@ class Isolator:
     # --- launch -----------------------------------------------------------------------------
     def launch(self, container_id, spec):
         """Start ``spec`` in a new VM; return its ContainerStatus. LaunchFailed leaves nothing."""
+        started = time.monotonic()
         validate_container_id(container_id)
         if not isinstance(spec, TaskSpec):
             raise InvalidSpec("spec", "must be a vmiso.TaskSpec")
         self.workdir.ensure()
         image = resolve(self.workdir, spec.image, spec.image_format)
+        resolved = time.monotonic()
         size = spec.resources.disk_bytes
         if size is not None and size < image.virtual_size:
             raise InvalidSpec("disk_gib", f"{spec.resources.disk_gib} GiB is smaller than the image "
@@ -101,60 +109,118 @@ class Isolator:
                 directory = str(self.workdir.make_container_dir(container_id))
             except FileExistsError as err:
                 raise AlreadyExists("container", container_id) from err
+            except OSError as err:  # ENOSPC, EACCES...: nothing was made
+                raise LaunchFailed(container_id, "dir", err) from err
+            try:
+                lock_fd = _hold_launch_lock(directory)
+            except OSError as err:
+                self.workdir.remove_container_dir(container_id)
+                raise LaunchFailed(container_id, "dir", err) from err
             checkpoint = state.Checkpoint(
                 container_id=container_id, agent_id=self.agent_id, domain=DOMAIN_PREFIX + container_id,
                 nonce=secrets.token_hex(16), boot_id=state.boot_id(), accel=self.accel.name,
                 image=image.name, base=image.base, created_at=time.time(),
                 deadline=time.time() + spec.timeout if spec.timeout else None,
             )
-            lock_fd = _hold_launch_lock(directory)
+            checkpoint.extra["limits"] = accounting.limits_record(spec.resources)
             c = _Container(container_id, directory, checkpoint)
+            c.timeline.update({"launch:start": started, "launch:image": resolved})
+            c.op.acquire()  # a kill or destroy racing this launch waits until it is done
             self._containers[container_id] = c
         step = "dir"
         try:
-            faults.hit("launch:dir")
+            self._step(c, "launch:dir")
             step = "checkpoint"
-            state.write(directory, checkpoint)
-            faults.hit("launch:checkpoint")
+            # Not fsynced (7 ms of 9 in host preparation, measured): a crashed process leaves it
+            # in the page cache; after power loss no VM is left to find. RUNNING fsyncs both.
+            state.write(directory, checkpoint, durable=False)
+            self._step(c, "launch:checkpoint")
             step = "overlay"
             qcow2.create_overlay(c.path(OVERLAY), image.base, image.base_format, size=size)
-            faults.hit("launch:overlay")
+            self._step(c, "launch:overlay")
+            network_config = None
+            if spec.network is not None:
+                step = "network"  # address and MAC first: the seed carries them to the guest
+                network_config = self._plan_network(c, spec.network)
             step = "seed"
             files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=_hostname(container_id),
                                     argv=spec.command, env=spec.env, nonce=checkpoint.nonce,
-                                    workdir=spec.workdir)
+                                    workdir=spec.workdir, network_config=network_config)
             seed.write_seed(c.path(SEED), files)
-            faults.hit("launch:seed")
+            self._step(c, "launch:seed")
+            if spec.network is not None:
+                step = "network"  # tap, filters, limits: in place before the guest's first frame
+                from .net import port
+
+                port.wire(self.workdir.root, c.checkpoint.extra, spec.network)
+                self._step(c, "launch:network")
             step = "xml"
             xml = self._domain_xml(c, spec, image)
+            c.timeline["launch:xml"] = time.monotonic()  # host preparation ends here
             step = "create"
             self.host.watch(c.domain, lambda event, detail: self._on_lifecycle(c, event, detail))
-            self.host.create(xml)
-            faults.hit("launch:create")
+            dom = self.host.create(xml)
+            # Not in the XML: libvirt would also raise QEMU's RLIMIT_MEMLOCK to it (refused here).
+            self.host.set_memory_hard_limit(dom, accounting.hard_limit(spec.resources, checkpoint.accel))
+            self._step(c, "launch:create")
             step = "running"
             checkpoint.phase = state.RUNNING
             state.write(directory, checkpoint)
-            faults.hit("launch:running")
+            self._step(c, "launch:running")
         except BaseException as err:
             self._undo_launch(c)
             os.close(lock_fd)
+            c.op.release()
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             raise LaunchFailed(container_id, step, err) from err
         os.unlink(c.path(LAUNCH_LOCK))
         os.close(lock_fd)
+        c.op.release()
         self._arm_timer(c)
         return self.status(container_id)
 
+    @staticmethod
+    def _step(c, name):
+        """A named launch step is done: note when (for `vmiso bench`), then the fault point."""
+        c.timeline[name] = time.monotonic()
+        faults.hit(name)
+
+    def timeline(self, container_id):
+        """When each named step of this container's launch completed (time.monotonic())."""
+        return dict(self._get(container_id).timeline)
+
     def _domain_xml(self, c, spec, image):
+        extra = c.checkpoint.extra
+        nics = [domain.Interface(extra["tap"], extra["mac"])] if "tap" in extra else []
         config = domain.design(
             name=c.domain, uuid=str(uuid.uuid4()), accel=self.accel, resources=spec.resources,
             overlay=c.path(OVERLAY), base=image.base, base_format=image.base_format, seed=c.path(SEED),
             logs=(c.path(CONSOLE_LOG), c.path(STDOUT), c.path(STDERR)),
             metadata={"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id},
-            boot=image if image.kernel else None,
+            boot=image if image.kernel else None, interfaces=nics,
         )
         return config.to_xml()
+
+    def _plan_network(self, c, network):
+        """Lease the container's address, MAC and tap name; record them in the checkpoint (the
+        tap before it exists, so a crash at any later point still finds it)."""
+        from .net import port
+
+        lease = port.plan(self.workdir.root, c.id, network)
+        c.checkpoint.extra.update(tap=lease["tap"], mac=lease["mac"], ip=lease["ip"], bridge=lease["bridge"])
+        state.write(c.dir, c.checkpoint)
+        return port.network_config(lease)
+
+    def _release_network(self, c):
+        """Remove the container's tap, filter rules and rate limits, and free its lease.
+        Idempotent; a no-op for containers without a network."""
+        from .net import port
+
+        try:
+            port.release(self.workdir.root, c.id, c.checkpoint.extra.get("tap"))
+        except VmisoError as err:
+            log.warning("releasing the network of %s: %s", c.id, err)
 
     def _undo_launch(self, c):
         """Remove whatever a failed launch made: the domain, then the files, then the record."""
@@ -164,8 +230,10 @@ class Isolator:
                 self.host.destroy(dom)
         except VmisoError as err:
             log.warning("undoing launch of %s: %s", c.id, err)
+        self._release_network(c)
         self.host.unwatch(c.domain)
         self.workdir.remove_container_dir(c.id)
+        c.removed = True
         with self._lock:
             self._containers.pop(c.id, None)
 
@@ -182,13 +250,19 @@ class Isolator:
         with c.cond:
             if c.termination is not None:
                 return c.termination
+            c.timeline["vm:stopped"] = time.monotonic()
             try:
-                on_disk = state.read(c.dir)  # another process may have set kill_reason
+                on_disk = state.read(c.dir)  # another process may have asked for a kill or destroy
                 c.checkpoint.kill_reason = on_disk.kill_reason or c.checkpoint.kill_reason
+                c.checkpoint.remove_requested = on_disk.remove_requested or c.checkpoint.remove_requested
             except state.CheckpointError:
                 pass
-            termination = _termination(c.checkpoint, c.stop_detail,
-                                       channel.read_exit_code(c.path(STDOUT), c.checkpoint.nonce))
+            if c.stop_detail is None:  # nobody heard the event: libvirt's log still tells
+                c.stop_detail = self.host.stop_reason(c.domain, c.checkpoint.created_at)
+            # A guest that powered itself off has normally reported: wait a moment for virtlogd.
+            grace = EXIT_LINE_GRACE if c.stop_detail == "shutdown" else 0
+            exit_code = channel.wait_for_exit_code(c.path(STDOUT), c.checkpoint.nonce, grace)
+            termination = _termination(c.checkpoint, c.stop_detail, exit_code)
             c.checkpoint.phase = state.TERMINATED
             c.checkpoint.termination = termination.to_dict()
             try:
@@ -200,10 +274,12 @@ class Isolator:
                     os.unlink(c.path(name))
                 except FileNotFoundError:
                     pass
+            self._release_network(c)
             if c.timer is not None:
                 c.timer.cancel()
             self.host.unwatch(c.domain)
             c.termination = termination
+            c.timeline["vm:concluded"] = time.monotonic()
             c.cond.notify_all()
             return termination
 
@@ -211,6 +287,16 @@ class Isolator:
         """Events are hints: if libvirt no longer has the domain, conclude now."""
         if c.termination is None and self.host.lookup(c.domain) is None:
             self._conclude(c)
+
+    def _reconcile_all(self):
+        """After a reconnect to libvirt: events may have been missed, ask libvirt again."""
+        with self._lock:
+            supervised = [c for c in self._containers.values() if c.termination is None]
+        for c in supervised:
+            try:
+                self._reconcile(c)
+            except VmisoError as err:
+                log.warning("reconciling %s after reconnect: %s", c.id, err)
 
     def _arm_timer(self, c):
         deadline = c.checkpoint.deadline
@@ -249,39 +335,59 @@ class Isolator:
         """Stop the VM: ACPI power button, ``grace`` seconds, then destroy. Keeps the record
         (wait, status, logs still answer); returns the Termination."""
         c = self._get(container_id)
+        with c.op:
+            if c.removed:
+                raise NotFound("container", container_id)
+            return self._kill_locked(c, grace, reason)
+
+    def _kill_locked(self, c, grace, reason, remove=False):
         if c.termination is not None:
             return c.termination
         with c.cond:
             c.checkpoint.kill_reason = c.checkpoint.kill_reason or reason
             c.checkpoint.phase = state.DESTROYING
+            c.checkpoint.remove_requested = c.checkpoint.remove_requested or remove
             state.write(c.dir, c.checkpoint)
         faults.hit("destroy:kill")
         dom = self.host.lookup(c.domain)
         if dom is not None and grace > 0:
             self.host.shutdown(dom)
             try:
-                return self.wait(container_id, timeout=grace)
+                return self.wait(c.id, timeout=grace)
             except Timeout:
                 pass
         if dom is not None:
             self.host.destroy(dom)
         faults.hit("destroy:stopped")
-        return self.wait(container_id)
+        return self.wait(c.id)
 
     def destroy(self, container_id, grace=5.0):
         """Kill the VM if it runs, then remove everything of the container. Idempotent: an
         unknown or already destroyed id is no error. Returns the Termination (or None)."""
         validate_container_id(container_id)
         try:
-            termination = self.kill(container_id, grace=grace)
+            c = self._get(container_id)
         except NotFound:
+            if os.path.islink(self.workdir.container_dir(container_id)):
+                self.workdir.remove_container_dir(container_id)  # unlinks it; never its target
             return self._ended.get(container_id)
-        faults.hit("destroy:cleanup")
-        self.workdir.remove_container_dir(container_id)
-        with self._lock:
-            self._containers.pop(container_id, None)
-            self._ended[container_id] = termination
+        with c.op:
+            if c.removed:
+                return self._ended.get(container_id)
+            termination = self._kill_locked(c, grace, R_DESTROYED, remove=True)
+            faults.hit("destroy:cleanup")
+            self._remove(c, termination)
         return termination
+
+    def _remove(self, c, termination):
+        """The last step of destroy: forget the container and delete its directory."""
+        self._release_network(c)
+        self.workdir.remove_container_dir(c.id)
+        self.host.remove_log(c.domain)
+        c.removed = True
+        with self._lock:
+            self._containers.pop(c.id, None)
+            self._ended[c.id] = termination
 
     def status(self, container_id):
         c = self._get(container_id)
@@ -294,25 +400,23 @@ class Isolator:
             container_id=c.id, state=state_name, domain=cp.domain, accel=cp.accel,
             pid=Host.pid(cp.domain) if c.termination is None else None, started_at=cp.created_at,
             termination=c.termination, image=cp.image,
+            ip=cp.extra.get("ip"), mac=cp.extra.get("mac"),
         )
 
     def containers(self):
         """Ids of every container with a record in the work directory (running or ended)."""
         return self.workdir.container_ids()
 
-    def recover(self):
-        """Adopt every checkpointed container: watch the running ones, conclude the ones whose
-        VM ended while nobody watched, fail interrupted launches. Returns the ids seen."""
-        seen = []
-        for container_id in self.workdir.container_ids():
-            try:
-                self._get(container_id)
-                seen.append(container_id)
-            except NotFound:
-                continue
-            except state.CheckpointError as err:
-                log.warning("skipping container %s: %s", container_id, err)
-        return seen
+    def recover(self, strict=False):
+        """Bring every container of this agent back under supervision after a restart: adopt
+        running VMs, conclude the ones that ended while nobody watched, fail and clean
+        interrupted launches, finish interrupted destroys, destroy orphan domains that carry this
+        agent's ownership metadata (never anyone else's). A corrupt checkpoint raises
+        CheckpointError when ``strict``, is counted and cleaned otherwise. Idempotent.
+        Returns a RecoveryReport."""
+        from .recovery import recover
+
+        return recover(self, strict=strict)
 
     def output(self, container_id, follow=True):
         """Yield ("stdout"|"stderr", bytes) as the task writes them, until it has ended and
@@ -334,6 +438,32 @@ class Isolator:
     def console_log(self, container_id):
         """The path of the container's boot console log."""
         return self._get(container_id).path(CONSOLE_LOG)
+
+    # --- usage and live limits (vmiso/accounting/) -------------------------------------------
+    @property
+    def _accounting(self):
+        with self._lock:
+            if "_accounting_" not in self.__dict__:
+                self._accounting_ = accounting.Accounting(self)
+            return self._accounting_
+
+    def usage(self, container_id):
+        """ResourceStatistics of a running container (StatsError if its VM is gone)."""
+        return self._accounting.usage(container_id)
+
+    def usage_all(self, errors=None):
+        """{id: ResourceStatistics} of every running container this Isolator supervises (recover()
+        adopts the others), in one batch read. A VM that could not be read is left out; pass a
+        dict as ``errors`` to get {id: StatsError} of those."""
+        return self._accounting.usage_all(errors)
+
+    def update(self, container_id, resources, disk=None, inbound=None, outbound=None):
+        """Change a running container's limits live: CPU quota and shares (``resources.cpus``, at
+        most its vCPUs), guest memory through the balloon (``resources.mem_mib``, at most what it
+        was launched with) with the cgroup's hard limit following it, QEMU's overhead included;
+        ``disk`` (accounting.limits.DiskLimits) throttles its disk, ``inbound``/``outbound``
+        (spec.RateLimit) its network. ``resources.disk_gib`` cannot change live and is ignored."""
+        return self._accounting.update(container_id, resources, disk=disk, inbound=inbound, outbound=outbound)
 
     # --- adoption ---------------------------------------------------------------------------
     def _get(self, container_id, allow_ended=False):
@@ -357,25 +487,34 @@ class Isolator:
         try:
             checkpoint = state.read(directory)
         except state.CheckpointError as err:
-            if not os.path.isdir(directory):
-                raise NotFound("container", container_id) from err
+            if os.path.islink(directory) or not os.path.isdir(directory):
+                raise NotFound("container", container_id) from err  # a planted link is no container
             raise
         c = _Container(container_id, directory, checkpoint)
         if checkpoint.termination is not None:
             c.termination = Termination.from_dict(checkpoint.termination)
             return c
-        if checkpoint.phase == state.LAUNCHING:
-            if _launch_in_progress(directory):
-                raise state.CheckpointError(f"container {container_id} is being launched by another process")
-            # An interrupted launch is failed and cleaned, never resumed.
+        if checkpoint.phase == state.LAUNCHING and _launch_in_progress(directory):
+            raise state.CheckpointError(f"container {container_id} is being launched by another process")
+        dom = None
+        if checkpoint.boot_id == state.boot_id():  # after a reboot no domain of ours can be alive
             dom = self.host.lookup(checkpoint.domain)
-            if dom is not None and self._owns(dom, checkpoint):
+            if dom is not None and not self._owns(dom, checkpoint):
+                dom = None  # somebody else's domain under our name: never touch it
+        if checkpoint.phase == state.LAUNCHING:
+            # An interrupted launch is failed and cleaned, never resumed.
+            if dom is not None:
                 self.host.destroy(dom)
-            c.stop_detail = None
             checkpoint.kill_reason = R_LAUNCH_FAILED
             self._conclude(c)
             return c
+        if dom is None:
+            self._conclude(c)
+            return c
         self.host.watch(checkpoint.domain, lambda event, detail: self._on_lifecycle(c, event, detail))
+        if checkpoint.phase == state.DESTROYING:
+            # An interrupted kill or destroy is finished, not forgotten.
+            self.host.destroy(dom)
         return c
 
     def _owns(self, dom, checkpoint):

@@ -67,6 +67,58 @@ class Resources:
         return None if self.disk_gib is None else int(self.disk_gib * 1024**3)
 
 
+MAX_RATE_KBPS = 100 * 1024 * 1024  # 100 GiB/s: above that, a typo
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """One direction's limit, in libvirt's ``<bandwidth>`` units: ``average`` and ``peak`` in
+    kilobytes per second, ``burst`` in kilobytes (how much may pass at ``peak`` at once)."""
+
+    average: int
+    peak: Optional[int] = None
+    burst: Optional[int] = None
+
+    def __post_init__(self):
+        _number("average", self.average, 1, MAX_RATE_KBPS, integral=True)
+        if self.peak is not None:
+            _number("peak", self.peak, self.average, MAX_RATE_KBPS, integral=True)
+        if self.burst is not None:
+            _number("burst", self.burst, 1, MAX_RATE_KBPS, integral=True)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A task's NIC: a tap on ``bridge``. ``ip`` is ``A.B.C.D/NN`` (None: allocated from the
+    bridge's subnet), ``mac`` None: derived (locally administered unicast). ``vlan`` (1-4094) is
+    the port's untagged VLAN; ``isolated`` makes it a bridge isolated port. ``inbound`` limits
+    traffic to the guest, ``outbound`` traffic from it."""
+
+    bridge: str
+    vlan: Optional[int] = None
+    ip: Optional[str] = None
+    mac: Optional[str] = None
+    isolated: bool = False
+    inbound: Optional[RateLimit] = None
+    outbound: Optional[RateLimit] = None
+
+    def __post_init__(self):
+        from .net import addr  # pure rules; no netlink
+
+        addr.validate_ifname(self.bridge, "bridge")
+        if self.vlan is not None:
+            _number("vlan", self.vlan, 1, 4094, integral=True)
+        if self.ip is not None:
+            object.__setattr__(self, "ip", str(addr.parse_cidr(self.ip, "ip")))
+        if self.mac is not None:
+            object.__setattr__(self, "mac", addr.parse_mac(self.mac, "mac"))
+        if not isinstance(self.isolated, bool):
+            raise InvalidSpec("isolated", "must be True or False")
+        for name in ("inbound", "outbound"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), RateLimit):
+                raise InvalidSpec(name, "must be a vmiso.spec.RateLimit")
+
+
 def _argv_item(i, item):
     if isinstance(item, str):
         try:
@@ -94,6 +146,7 @@ class TaskSpec:
     image_format: Optional[str] = None
     timeout: Optional[float] = None
     workdir: Optional[str] = None
+    network: Optional[NetworkSpec] = None
 
     def __post_init__(self):
         if isinstance(self.command, (str, bytes)) or not self.command:
@@ -116,6 +169,8 @@ class TaskSpec:
             raise InvalidSpec("image_format", f"{self.image_format!r} is not qcow2 or raw")
         if self.workdir is not None and (not self.workdir.startswith("/") or "\0" in self.workdir):
             raise InvalidSpec("workdir", "must be an absolute path")
+        if self.network is not None and not isinstance(self.network, NetworkSpec):
+            raise InvalidSpec("network", "must be a vmiso.NetworkSpec")
 
     @classmethod
     def shell(cls, script, **kwargs):
@@ -164,8 +219,49 @@ class ContainerStatus:
     started_at: Optional[float] = None
     termination: Optional[Termination] = None
     image: str = ""
+    ip: Optional[str] = None    # the guest's address (A.B.C.D/NN) when it has a network
+    mac: Optional[str] = None
 
     def to_dict(self):
         data = asdict(self)
         data["termination"] = self.termination.to_dict() if self.termination else None
         return data
+
+
+@dataclass(frozen=True)
+class ResourceStatistics:
+    """What usage() reports, with Mesos' field names. Everything is the host's view of the VM
+    (QEMU's process and cgroup), never a guess from inside the guest: memory includes QEMU's own
+    overhead, network counters are the guest's view of its tap (tap TX = guest RX). A field the
+    host cannot give is None; ``to_dict()`` leaves those out, as Mesos' optional fields."""
+
+    timestamp: float
+    processes: Optional[int] = None
+    threads: Optional[int] = None
+    cpus_user_time_secs: Optional[float] = None
+    cpus_system_time_secs: Optional[float] = None
+    cpus_limit: Optional[float] = None
+    cpus_nr_periods: Optional[int] = None
+    cpus_nr_throttled: Optional[int] = None
+    cpus_throttled_time_secs: Optional[float] = None
+    mem_total_bytes: Optional[int] = None
+    mem_rss_bytes: Optional[int] = None
+    mem_cache_bytes: Optional[int] = None
+    mem_anon_bytes: Optional[int] = None
+    mem_file_bytes: Optional[int] = None
+    mem_swap_bytes: Optional[int] = None
+    mem_limit_bytes: Optional[int] = None
+    disk_used_bytes: Optional[int] = None
+    disk_limit_bytes: Optional[int] = None
+    net_rx_packets: Optional[int] = None
+    net_rx_bytes: Optional[int] = None
+    net_rx_errors: Optional[int] = None
+    net_rx_dropped: Optional[int] = None
+    net_tx_packets: Optional[int] = None
+    net_tx_bytes: Optional[int] = None
+    net_tx_errors: Optional[int] = None
+    net_tx_dropped: Optional[int] = None
+
+    def to_dict(self):
+        # Flat fields only: __dict__ is what asdict() would copy, without its deep-copy cost.
+        return {k: v for k, v in self.__dict__.items() if v is not None}

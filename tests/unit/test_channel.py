@@ -1,5 +1,6 @@
 """The task channel's exit line: found only with the right nonce at the very end; never leaks
 into the output; output bytes are never lost or reordered, however the chunks fall."""
+import os
 import random
 import threading
 import time
@@ -91,3 +92,53 @@ def test_follow_streams_growing_files_until_finished(tmp_path):
     for index, data in channel.follow([str(out), str(err)], finished=done.is_set, idle_check=0.05):
         got[index] += data
     assert got == {0: b"o0o1o2o3o4", 1: b"e0e1e2e3e4"}
+
+
+def test_exit_line_split_by_a_roll_over_is_found(tmp_path):
+    """virtlogd renamed stdout to stdout.0 in the middle of the exit line."""
+    line = channel.exit_line(NONCE, 9)
+    (tmp_path / "stdout.0").write_bytes(b"a" * 5000 + line[:10])
+    (tmp_path / "stdout").write_bytes(line[10:])
+    assert channel.read_exit_code(str(tmp_path / "stdout"), NONCE) == 9
+
+
+def test_follow_reads_across_roll_overs(tmp_path):
+    """Bytes written before and after virtlogd's rename both arrive, in order, once (as long as
+    the reader keeps up: a file rolled over twice between two reads is lost by design)."""
+    path = tmp_path / "stdout"
+    done = threading.Event()
+    read = threading.Condition()
+    got = bytearray()
+    expected = b"".join(b"%05d\n" % i for i in range(300))
+
+    def writer():
+        for i in range(300):
+            with open(path, "ab") as f:
+                f.write(b"%05d\n" % i)
+            if i in (100, 200):
+                with read:  # let the reader catch up, then roll over as virtlogd does
+                    written = (i + 1) * 6
+                    assert read.wait_for(lambda: len(got) == written, timeout=10)  # noqa: B023
+                os.rename(path, str(path) + ".0")
+        done.set()
+
+    threading.Thread(target=writer).start()
+    for _, data in channel.follow([str(path)], finished=done.is_set, idle_check=0.02):
+        with read:
+            got.extend(data)
+            read.notify_all()
+    assert bytes(got) == expected
+
+
+def test_wait_for_exit_code_sees_a_late_write(tmp_path):
+    path = tmp_path / "stdout"
+    path.write_bytes(b"output")
+
+    def late():
+        time.sleep(0.2)
+        with open(path, "ab") as f:
+            f.write(channel.exit_line(NONCE, 4))
+
+    threading.Thread(target=late).start()
+    assert channel.wait_for_exit_code(str(path), NONCE, timeout=5) == 4
+    assert channel.wait_for_exit_code(str(tmp_path / "none"), NONCE, timeout=0.1) is None

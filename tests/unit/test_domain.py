@@ -31,8 +31,10 @@ def test_direct_kernel_boot_domain():
     disks = root.findall("devices/disk")
     assert disks[0].find("source").get("file") == "/w/c/overlay.qcow2"
     assert disks[0].find("backingStore/format").get("type") == "qcow2"  # never probed
+    assert disks[0].find("backingStore/source/seclabel").get("relabel") == "no"  # the base stays root's
     assert disks[1].find("readonly") is not None and disks[1].find("driver").get("type") == "raw"
-    assert [s.find("source").get("path") for s in root.findall("devices/serial")] == [
+    assert {s.get("type") for s in root.findall("devices/serial")} == {"null"}  # logged by virtlogd
+    assert [s.find("log").get("file") for s in root.findall("devices/serial")] == [
         "/w/c/console.log", "/w/c/stdout", "/w/c/stderr"]
     assert root.find("cputune") is None
 

@@ -24,6 +24,9 @@ cdef extern from "<fcntl.h>" nogil:
 cdef extern from "<string.h>" nogil:
     char *strerror(int errnum)
 
+cdef extern from "Python.h":
+    bytes PyUnicode_EncodeFSDefault(object unicode)  # what os.fsencode does for a str
+
 
 MAGIC = b"QFI\xfb"
 MIN_CLUSTER_BITS = 9
@@ -227,7 +230,8 @@ def write_overlay(path, size, backing, backing_format, cluster_bits=16):
     its format (bytes). Exclusive create, mode 0600, never follows a symlink; a partial file is
     removed on error. Raises ImageError (with the OSError as __cause__ for system errors).
     """
-    cdef str spath = os.fsdecode(path)
+    # A str path (the usual case) needs no os.fsdecode call; the encoding below is os.fsencode's.
+    cdef str spath = path if type(path) is str else os.fsdecode(path)
     cdef bytes bname = _check_name(spath, "backing file name", backing, MAX_BACKING_NAME)
     cdef bytes bfmt = _check_name(spath, "backing format", backing_format, MAX_FORMAT_NAME)
     cdef Layout lay
@@ -241,7 +245,9 @@ def write_overlay(path, size, backing, backing_format, cluster_bits=16):
                                        _FEATURE_TABLE, len(_FEATURE_TABLE))
     if head_len < 0:
         raise ImageError(spath, "header and backing file name do not fit in the first cluster")
-    cdef bytes encoded = os.fsencode(spath)
+    cdef bytes encoded = PyUnicode_EncodeFSDefault(spath)
+    if b"\0" in encoded:  # open() would stop at the NUL and create another file
+        raise ValueError("embedded null byte")  # what os.open raises in the twin
     cdef const char *cpath = encoded
     cdef size_t table_len = lay.rb * 8
     cdef size_t rc_len = lay.used * 2

@@ -48,7 +48,7 @@ def _iso(args):
 
 def ps(args):
     iso = _iso(args)
-    statuses = [iso.status(cid) for cid in iso.recover()]
+    statuses = [iso.status(cid) for cid in iso.recover().ids]
     if args.json:
         print(json.dumps([s.to_dict() for s in statuses], indent=1))
         return 0

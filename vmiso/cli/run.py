@@ -32,6 +32,9 @@ def register(sub):
     p.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
     p.add_argument("-w", "--workdir-in-guest", dest="guest_workdir", metavar="DIR",
                    help="working directory inside the guest (default /)")
+    p.add_argument("--network", metavar="BRIDGE[,vlan=N][,ip=A.B.C.D/NN][,isolated]",
+                   help="a NIC on BRIDGE (also mac=MAC, inbound=/outbound=AVG[:PEAK[:BURST]] in KB/s); "
+                        "the address is allocated from the bridge's subnet unless ip= is given")
     p.add_argument("--name", help="container id (default: a random one)")
     p.add_argument("-d", "--detach", action="store_true", help="print the container id and return at once")
     p.add_argument("--json", action="store_true", help="with -d: print the status as JSON")
@@ -57,7 +60,15 @@ def spec_from_args(args):
     resources = Resources(cpus=args.cpus, mem_mib=args.mem, disk_gib=args.disk)
     return TaskSpec(command=[os.fsencode(a) for a in cmd], env=parse_env(args.env), resources=resources,
                     image=args.image, image_format=args.format, timeout=args.timeout,
-                    workdir=args.guest_workdir)
+                    workdir=args.guest_workdir, network=_network(args))
+
+
+def _network(args):
+    if not getattr(args, "network", None):
+        return None
+    from .net import parse_network
+
+    return parse_network(args.network)
 
 
 def exit_code_of(termination):

@@ -1,11 +1,17 @@
-"""Turn a TaskSpec's ``image`` into a verified base to boot: "micro" (the embedded guest, direct
-kernel boot) or a path to a base image (disk boot; verified before use, never probed)."""
+"""Turn a TaskSpec's ``image`` into a verified base to boot.
+
+``image`` is, in this order: "micro" (the embedded guest, direct kernel boot); the name of a
+stored base; the id of a stored base or a unique prefix of it (12 or more hex digits); or a path
+to a base image. Stored bases were verified when they were added and are checked cheaply again
+here (file stamp, header); a path is verified before every use. Nothing is ever probed.
+A stored base added with boot "micro" is a root file system for the micro kernel and initramfs.
+"""
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..errors import NotFound
-from . import qcow2
+from ..errors import InvalidSpec, NotFound
+from . import qcow2, store
 
 
 @dataclass(frozen=True)
@@ -21,16 +27,33 @@ class BootImage:
 
 def resolve(workdir, image, declared_format=None):
     if image == "micro":
-        from . import micro
-
-        built = micro.find_micro(workdir.root)
-        if built is None:
-            raise NotFound("image", "micro (build it once with 'vmiso image build-micro')")
-        return BootImage("micro", str(built.base), built.base_format, built.virtual_size,
-                         str(built.kernel), str(built.initrd), micro.KERNEL_CMDLINE)
+        return _micro(workdir)
+    stored = store.verified(workdir.root, image)
+    if stored is not None:
+        return _stored(workdir, image, declared_format, *stored)
     path = os.path.abspath(image)
     if not os.path.lexists(path):
-        raise NotFound("image", image)
+        raise NotFound("image", f"{image} (neither a stored image's name or id nor a file)")
     # No probing: undeclared means qcow2; a raw base must be declared raw (image_format="raw").
     info = qcow2.verify_base(path, declared_format or "qcow2")
     return BootImage(os.path.basename(path), path, info.format, info.virtual_size)
+
+
+def _micro(workdir, root=None):
+    """The micro guest; with ``root`` (a stored base) that root under micro's kernel and initrd."""
+    from . import micro
+
+    built = micro.find_micro(workdir.root)
+    if built is None:
+        raise NotFound("image", "micro (build it once with 'vmiso image build-micro')")
+    name, base, base_format, size = root or ("micro", str(built.base), built.base_format, built.virtual_size)
+    return BootImage(name, base, base_format, size, str(built.kernel), str(built.initrd), micro.KERNEL_CMDLINE)
+
+
+def _stored(workdir, ref, declared_format, image, info):
+    # The store knows the format: a different declared one is a mistake, not an override.
+    if declared_format not in (None, image.format):
+        raise InvalidSpec("image_format", f"{ref} is stored as {image.format}, not {declared_format}")
+    if image.boot == "micro":
+        return _micro(workdir, (ref, image.path, info.format, info.virtual_size))
+    return BootImage(ref, image.path, info.format, info.virtual_size)

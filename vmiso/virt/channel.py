@@ -10,6 +10,7 @@ import ctypes.util
 import os
 import re
 import select
+import time
 
 MARKER_TAIL_BYTES = 256  # enough for "\nVMISO-<64 hex> EXIT <code>\n"
 
@@ -22,21 +23,49 @@ def _exit_re(nonce):
     return re.compile(re.escape(marker_prefix(nonce)) + rb"([0-9]{1,3})\n\Z")
 
 
-def read_exit_code(path, nonce):
-    """The exit code the guest reported at the end of ``path``, or None if it reported none."""
+def _tail(path, size):
+    """The last ``size`` bytes of file ``path`` (b"" if it cannot be read)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - MARKER_TAIL_BYTES))
-            tail = f.read()
+            f.seek(max(0, f.tell() - size))
+            return f.read()
     except OSError:
-        return None
-    match = _exit_re(nonce).search(tail)
+        return b""
+
+
+def read_exit_code(path, nonce):
+    """The exit code the guest reported at the end of ``path``, or None if it reported none."""
+    match = _exit_re(nonce).search(_tail_of_stream(str(path)))
     if match is None:
         return None
     code = int(match.group(1))
     return code if code <= 255 else None
+
+
+def wait_for_exit_code(path, nonce, timeout):
+    """read_exit_code, but give virtlogd up to ``timeout`` seconds to write the last bytes: it
+    copies QEMU's output asynchronously, and may be a moment behind libvirt's stop event."""
+    code = read_exit_code(path, nonce)
+    if code is not None or timeout <= 0:
+        return code
+    watcher = Inotify([os.path.dirname(os.path.abspath(path))])
+    try:
+        deadline = time.monotonic() + timeout
+        while code is None and (left := deadline - time.monotonic()) > 0:
+            watcher.wait(left)
+            code = read_exit_code(path, nonce)
+    finally:
+        watcher.close()
+    return code
+
+
+def _tail_of_stream(path):
+    """The stream's last bytes; virtlogd may have just rolled ``path`` over to ``path.0``."""
+    current = _tail(path, MARKER_TAIL_BYTES)
+    if len(current) >= MARKER_TAIL_BYTES:
+        return current
+    return _tail(path + ".0", MARKER_TAIL_BYTES - len(current)) + current
 
 
 class ExitLineFilter:
@@ -109,19 +138,62 @@ class Inotify:
             self.fd = -1
 
 
+class _Reader:
+    """Reads one stream from a kept file descriptor, across virtlogd's roll-overs: a renamed
+    file is read to its end through the old descriptor, then the new file from its start."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+        self.offset = 0
+
+    def read(self, size):
+        if self.fd is None:
+            self._open()
+            if self.fd is None:
+                return b""
+        data = os.pread(self.fd, size, self.offset)
+        if data:
+            self.offset += len(data)
+            return data
+        if self._rolled_over():
+            self.close()
+            return self.read(size)
+        return b""
+
+    def _open(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.offset = 0
+        except OSError:
+            self.fd = None
+
+    def _rolled_over(self):
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_ino != os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def follow(paths, finished, chunk=65536, idle_check=0.5):
     """Yield (index, bytes) from the files in ``paths`` as they grow, until ``finished()`` is
-    true and every file has been read to its end. Files that do not exist yet are waited for."""
-    offsets = [0] * len(paths)
+    true and every file has been read to its end. Files that do not exist yet are waited for;
+    roll-overs are followed (bytes of a roll-over that happened twice between reads are lost:
+    the bound on host-side logs)."""
+    readers = [_Reader(p) for p in paths]
     watcher = Inotify(sorted({os.path.dirname(os.path.abspath(p)) for p in paths}))
     try:
         while True:
             done = finished()  # decide before reading, so nothing written before it is missed
             progressed = False
-            for i, path in enumerate(paths):
-                data = _read_from(path, offsets[i], chunk)
+            for i, reader in enumerate(readers):
+                data = reader.read(chunk)
                 if data:
-                    offsets[i] += len(data)
                     progressed = True
                     yield i, data
             if done and not progressed:
@@ -130,17 +202,8 @@ def follow(paths, finished, chunk=65536, idle_check=0.5):
                 watcher.wait(idle_check)  # the timeout only re-checks finished()
     finally:
         watcher.close()
-
-
-def _read_from(path, offset, size):
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
+        for reader in readers:
+            reader.close()
 
 
 def exit_line(nonce, code):

@@ -13,6 +13,8 @@ METADATA_NS = "https://vmiso.dev/xmlns/instance/1"
 METADATA_PREFIX = "vmiso"
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 CPU_PERIOD_US = 100_000
+# A virtio balloon lets update() change guest memory live (a guest without the driver ignores it).
+BALLOON = os.environ.get("VMISO_BALLOON", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,17 @@ class Disk:
     readonly: bool = False
     backing: Optional[str] = None         # backing file, stated so libvirt never probes
     backing_format: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A NIC on a tap vmiso made and wired itself (net/): libvirt must neither create, rename
+    nor reconfigure it (``managed='no'``)."""
+
+    tap: str
+    mac: str
+    model: str = "virtio"
+    rom: bool = False           # the NIC's option ROM only slows a direct kernel boot
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,8 @@ class DomainConfig:
     initrd: Optional[str] = None
     cmdline: Optional[str] = None
     cpu_quota_us: Optional[int] = None  # whole-VM CFS quota per CPU_PERIOD_US, for fractional cpus
+    interfaces: tuple = ()
+    balloon: bool = False                    # a virtio balloon, so update() can change guest memory live
 
     def to_xml(self):
         return ET.tostring(self.to_element(), encoding="unicode")
@@ -51,6 +66,7 @@ class DomainConfig:
         _text(root, "uuid", self.uuid)
         root.append(self._metadata_element())
         _text(root, "memory", str(self.memory_mib), unit="MiB")
+        _text(root, "currentMemory", str(self.memory_mib), unit="MiB")  # the balloon may lower it
         _text(root, "vcpu", str(self.vcpus))
         if self.cpu_quota_us is not None:
             tune = ET.SubElement(root, "cputune")
@@ -93,12 +109,16 @@ class DomainConfig:
         devices = ET.Element("devices")
         for disk in self.disks:
             devices.append(_disk_element(disk))
+        for nic in self.interfaces:
+            devices.append(_interface_element(nic))
         for port, path in enumerate(self.serial_logs):
-            serial = ET.SubElement(devices, "serial", type="file")
-            ET.SubElement(serial, "source", path=path, append="off")
+            # A null backend whose log goes through virtlogd: it rolls the file over at its
+            # max_size and keeps max_backups, so a flooding guest cannot fill the disk.
+            serial = ET.SubElement(devices, "serial", type="null")
+            ET.SubElement(serial, "log", file=path, append="off")
             ET.SubElement(serial, "target", port=str(port))
         ET.SubElement(devices, "controller", type="usb", model="none")
-        ET.SubElement(devices, "memballoon", model="none")
+        ET.SubElement(devices, "memballoon", model="virtio" if self.balloon else "none")
         return devices
 
 
@@ -115,11 +135,24 @@ def _disk_element(disk):
     if disk.backing:
         store = ET.SubElement(el, "backingStore", type="file")
         ET.SubElement(store, "format", type=disk.backing_format or "qcow2")
-        ET.SubElement(store, "source", file=disk.backing)
+        source = ET.SubElement(store, "source", file=disk.backing)
+        # Never chown the shared base to QEMU's user (libvirt would, and never give it back):
+        # it stays root's and read-only, readable by QEMU through its 0444 mode.
+        ET.SubElement(source, "seclabel", model="dac", relabel="no")
         ET.SubElement(store, "backingStore")  # the base has no backing file of its own
     ET.SubElement(el, "target", dev=disk.target, bus="virtio")
     if disk.readonly:
         ET.SubElement(el, "readonly")
+    return el
+
+
+def _interface_element(nic):
+    el = ET.Element("interface", type="ethernet")
+    ET.SubElement(el, "mac", address=nic.mac)
+    ET.SubElement(el, "target", dev=nic.tap, managed="no")
+    ET.SubElement(el, "model", type=nic.model)
+    if not nic.rom:
+        ET.SubElement(el, "rom", bar="off")
     return el
 
 
@@ -136,7 +169,8 @@ def parse_metadata(xml_text):
     return {child.tag.rsplit("}", 1)[-1]: (child.text or "") for child in root}
 
 
-def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot):
+def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot,
+           interfaces=()):
     """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
     and cmdline for direct kernel boot, or None to boot the disk (a cloud image)."""
     quota = None
@@ -149,7 +183,8 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
     return DomainConfig(
         name=name, uuid=uuid, domain_type=accel.domain_type, vcpus=resources.vcpus,
         memory_mib=resources.mem_mib, disks=disks, serial_logs=tuple(str(p) for p in logs),
-        metadata=metadata, cpu_quota_us=quota,
+        metadata=metadata, cpu_quota_us=quota, interfaces=tuple(interfaces),
+        balloon=BALLOON,
         # qboot starts a direct-boot kernel faster than SeaBIOS; disks need a real BIOS.
         firmware_rom=QBOOT_ROM if boot is not None and os.path.exists(QBOOT_ROM) else None,
         kernel=str(boot.kernel) if boot is not None else None,

@@ -3,8 +3,12 @@
 This module and virt/domain.py are the only places that touch libvirt; libvirt errors become
 vmiso.errors.VirtError here (with libvirt's error code), always ``raise ... from err``.
 """
+import calendar
 import logging
+import os
+import re
 import threading
+import time
 
 import libvirt
 
@@ -13,6 +17,9 @@ from ..errors import VirtError
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "qemu:///system"
+QEMU_LOG_DIR = "/var/log/libvirt/qemu"
+# libvirtd appends "<time>: shutting down, reason=<why>" to a domain's log when it stops.
+_STOP_LINE = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.\d+\+0000: shutting down, reason=(\w+)", re.M)
 
 _loop_lock = threading.Lock()
 _loop_started = False
@@ -74,12 +81,16 @@ class Host:
     ("started", None), ...
     """
 
+    RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0)  # then every 2 s, for as long as domains are watched
+
     def __init__(self, uri=DEFAULT_URI):
         self.uri = uri
         self._conn = None
         self._lock = threading.RLock()
         self._watchers = {}
         self._callback_id = None
+        self._healing = False
+        self.on_reconnect = None  # called (from a helper thread) after a lost connection is back
 
     # --- connection -------------------------------------------------------------------------
     def conn(self):
@@ -104,13 +115,55 @@ class Host:
                 pass
             self._callback_id = conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+            try:
+                conn.registerCloseCallback(self._on_close, None)
+            except libvirt.libvirtError:
+                pass
             self._conn = conn
             return conn
 
+    def _on_close(self, conn, reason, _opaque):
+        """libvirtd went away (restart, crash, keepalive timeout): heal in the background."""
+        log.warning("libvirt connection to %s closed (reason %s); reconnecting", self.uri, reason)
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+            if self._healing:
+                return
+            self._healing = True
+        threading.Thread(target=self._heal, name="vmiso-libvirt-heal", daemon=True).start()
+
+    def _heal(self):
+        """Reconnect with backoff while anything is watched, then let the owner reconcile:
+        events sent while we were away are lost, so libvirt is asked again."""
+        attempt = 0
+        try:
+            while True:
+                with self._lock:
+                    if not self._watchers or self._conn is not None:
+                        break
+                try:
+                    self.conn()
+                    break
+                except VirtError:
+                    delay = self.RECONNECT_DELAYS[min(attempt, len(self.RECONNECT_DELAYS) - 1)]
+                    attempt += 1
+                    threading.Event().wait(delay)
+        finally:
+            with self._lock:
+                self._healing = False
+        if self.on_reconnect is not None and self._conn is not None:
+            self.on_reconnect()
+
     def close(self):
         with self._lock:
+            self._watchers.clear()
             if self._conn is not None:
                 try:
+                    try:
+                        self._conn.unregisterCloseCallback()
+                    except libvirt.libvirtError:
+                        pass
                     if self._callback_id is not None:
                         self._conn.domainEventDeregisterAny(self._callback_id)
                     self._conn.close()
@@ -145,6 +198,22 @@ class Host:
         except libvirt.libvirtError as err:
             raise translate(err, "libvirt could not start the VM") from err
 
+    def our_domains(self, namespace):
+        """(name, metadata XML text) of every running domain named vmiso-* (metadata may be None)."""
+        try:
+            domains = self.conn().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as err:
+            raise translate(err, "cannot list domains") from err
+        found = []
+        for dom in domains:
+            try:
+                name = dom.name()
+            except libvirt.libvirtError:
+                continue  # gone while we looked
+            if name.startswith("vmiso-"):
+                found.append((dom, self.metadata(dom, namespace)))
+        return found
+
     def lookup(self, name):
         """The running domain called ``name``, or None."""
         try:
@@ -162,6 +231,35 @@ class Host:
                 return int(f.read().strip())
         except (OSError, ValueError):
             return None
+
+    @staticmethod
+    def stop_reason(name, since, log_dir=QEMU_LOG_DIR):
+        """Why domain ``name`` last stopped, from libvirt's own log ("shutdown", "destroyed",
+        "crashed", ...), if that happened after ``since`` (epoch seconds); else None. This is
+        how a VM that stopped while nobody listened for events is still told apart."""
+        try:
+            with open(os.path.join(log_dir, name + ".log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                tail = f.read()
+        except OSError:
+            return None
+        matches = _STOP_LINE.findall(tail)
+        if not matches:
+            return None
+        stamp, reason = matches[-1]
+        when = calendar.timegm(time.strptime(stamp.decode(), "%Y-%m-%d %H:%M:%S"))
+        return reason.decode() if when >= int(since) else None
+
+    @staticmethod
+    def remove_log(name, log_dir=QEMU_LOG_DIR):
+        """Delete libvirt's log of a transient domain that is gone for good (one per task would
+        pile up forever)."""
+        for suffix in ("", ".0", ".1", ".2"):
+            try:
+                os.unlink(os.path.join(log_dir, f"{name}.log{suffix}"))
+            except OSError:
+                pass
 
     def shutdown(self, dom):
         """Ask the guest to power off (ACPI power button). No error if it is already gone."""
@@ -185,3 +283,44 @@ class Host:
             return dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0)
         except libvirt.libvirtError:
             return None
+
+    # --- live limits (Isolator.update) and stats (the usage benchmark's baseline) ------------
+    def _live(self, dom, what, call, *args):
+        try:
+            return call(*args, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            raise translate(err, f"cannot set {what} of {dom.name()}") from err
+
+    def set_cpu(self, dom, shares=None, quota_us=None, period_us=None):
+        """CPU weight and whole-VM CFS quota (``virsh schedinfo``: cpu_shares, global_*).
+        ``quota_us`` -1 removes the quota."""
+        params = {k: v for k, v in (("cpu_shares", shares), ("global_period", period_us),
+                                    ("global_quota", quota_us)) if v is not None}
+        self._live(dom, "CPU limits", dom.setSchedulerParametersFlags, params)
+
+    def set_memory_hard_limit(self, dom, limit_bytes):
+        """The memory cgroup's hard limit (``virsh memtune``: hard_limit)."""
+        self._live(dom, "the memory hard limit", dom.setMemoryParameters, {"hard_limit": limit_bytes // 1024})
+
+    def set_balloon(self, dom, memory_bytes):
+        """The balloon target: guest memory the guest may use (``virsh dommemstat``: actual)."""
+        self._live(dom, "the balloon target", dom.setMemoryFlags, memory_bytes // 1024)
+
+    def set_block_iotune(self, dom, disk, params):
+        """QEMU's I/O throttling of ``disk`` (vda...): libvirt's total/read/write bytes/iops_sec."""
+        self._live(dom, f"I/O limits of {disk}", dom.setBlockIoTune, disk, dict(params))
+
+    def all_stats(self, doms=None):
+        """libvirt's getAllDomainStats (state, cpu, balloon, vcpu, net, block) of the running
+        domains (only ``doms``, from lookup(), if given): [(name, {key: value})]."""
+        wanted = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL | libvirt.VIR_DOMAIN_STATS_BALLOON
+                  | libvirt.VIR_DOMAIN_STATS_VCPU | libvirt.VIR_DOMAIN_STATS_INTERFACE | libvirt.VIR_DOMAIN_STATS_BLOCK)
+        try:
+            conn = self.conn()
+            if doms is None:
+                records = conn.getAllDomainStats(wanted, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)
+            else:
+                records = conn.domainListGetStats(list(doms), wanted, 0) if doms else []
+        except libvirt.libvirtError as err:
+            raise translate(err, "cannot read domain statistics") from err
+        return [(dom.name(), stats) for dom, stats in records]

@@ -22,6 +22,7 @@ workdir=/
 if [ -s "$d/workdir" ]; then decode "$(cat "$d/workdir")"; workdir=$v; fi
 
 if cd "$workdir" 2>"$err"; then
+  echo VMISO-TASK-START >/dev/ttyS0 2>/dev/null  # the host's "task started" marker (vmiso bench)
   "$@" </dev/null >"$out" 2>"$err"
   code=$?
 else

@@ -1,0 +1,1 @@
+"""Host-side network tests in throwaway network namespaces (root)."""

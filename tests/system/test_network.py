@@ -1,0 +1,186 @@
+"""Real micro VMs on a throwaway bridge: addressing, anti-spoofing, isolation, rate limits.
+
+The bridge (``vmtb<hex>``) has no address on the host; the only other party is a veth whose far
+end sits in a throwaway namespace with the subnet's .1 address. Nothing is routed anywhere: all
+traffic stays between these VMs, this bridge and that namespace, and all of it is removed after.
+"""
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.net import nsutil
+from vmiso import LaunchFailed, TaskSpec
+from vmiso.net import api, features, filter, ipam, tap
+from vmiso.spec import NetworkSpec, RateLimit
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def lan(workdir):
+    """(bridge, subnet prefix 'A.B.C.', peer namespace) with the peer at .1; all removed after."""
+    bridge, veth, peer = nsutil.unique("vmtb"), nsutil.unique("vmtv"), nsutil.unique("vmtw")
+    prefix = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}."
+    with nsutil.netns("vmtp") as ns:
+        try:
+            api.create_bridge(workdir, bridge)
+            ipam.Store(workdir).set_plan(bridge, subnet=prefix + "0/24", gateway=prefix + "1")
+            subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer, "netns", ns], check=True)
+            subprocess.run(["ip", "link", "set", veth, "master", bridge, "up"], check=True)
+            subprocess.run(["ip", "-n", ns, "addr", "add", prefix + "1/24", "dev", peer], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", peer, "up"], check=True)
+            yield bridge, prefix, ns
+        finally:
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+            api.delete_bridge(workdir, bridge, force=True)
+            ipam.Store(workdir).drop_plan(bridge)
+
+
+def _launch(iso, cid, script, bridge, **net):
+    return iso.launch(cid, TaskSpec.shell(script, network=NetworkSpec(bridge, **net)))
+
+
+def _output_until(iso, cid, marker, timeout=60):
+    """The task's stdout up to and including ``marker`` (or all of it when the task ends)."""
+    out, deadline = b"", time.monotonic() + timeout
+    for name, data in iso.output(cid):
+        out += data if name == "stdout" else b""
+        if marker.encode() in out or time.monotonic() > deadline:
+            break
+    return out.decode(errors="replace")
+
+
+def _console(iso, cid):
+    with open(iso.console_log(cid), errors="replace") as f:
+        return f.read()[-2000:]
+
+
+def _assert_nothing_left(iso, cid, tap):
+    assert not os.path.exists(f"/sys/class/net/{tap}")
+    assert tap not in filter.protected()
+    assert ipam.Store(iso.workdir.root).lease(cid) is None
+
+
+# Waits until the peer answers (the guest's NIC needs a moment after boot), at most ~20 s.
+WAIT_FOR = 'i=0; until ping -c 1 -W 1 "$1" >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 20 ] || break; done; '
+
+
+def test_ping_by_assigned_address_and_spoofing_is_dropped(iso, cid, lan):
+    bridge, prefix, ns = lan
+    b = _launch(iso, cid + "b", "sleep 120", bridge)
+    assert b.ip.startswith(prefix) and int(b.mac[:2], 16) & 3 == 2  # locally administered unicast
+    b_ip = b.ip.split("/")[0]
+    script = (
+        f"set -- {b_ip}; {WAIT_FOR}"
+        f"ping -c 2 -W 2 {b_ip} >/dev/null && echo reach-b; "
+        f"ping -c 1 -W 2 {prefix}1 >/dev/null && echo reach-peer; "
+        "me=$(ip addr show dev eth0 | sed -n 's/.*inet \\([0-9./]*\\).*/\\1/p'); "
+        f"ip addr flush dev eth0; ip addr add {prefix}200/24 dev eth0; "
+        f"ping -c 2 -W 2 {b_ip} >/dev/null && echo spoofed-ip-reached; "
+        'ip addr flush dev eth0; ip addr add "$me" dev eth0; '
+        "ip link set eth0 down; ip link set eth0 address 02:de:ad:be:ef:01; ip link set eth0 up; "
+        f"ping -c 2 -W 2 {b_ip} >/dev/null && echo spoofed-mac-reached; "
+        "echo spoof-done; sleep 60")
+    a = _launch(iso, cid, script, bridge)
+    assert a.ip != b.ip and a.mac != b.mac
+    tap_a = iso._get(cid).checkpoint.extra["tap"]
+    tap_b = iso._get(cid + "b").checkpoint.extra["tap"]
+    try:
+        out = _output_until(iso, cid, "spoof-done", timeout=80)
+        assert "reach-b" in out and "reach-peer" in out, (out, _console(iso, cid), _console(iso, cid + "b"))
+        assert "spoofed-ip-reached" not in out and "spoofed-mac-reached" not in out, out
+        assert "spoof-done" in out, out
+        assert filter.drops(tap_a) > 0  # the spoofed frames died at A's port
+        assert filter.drops(tap_b) == 0
+        # The peer namespace reaches B by the address vmiso assigned.
+        assert nsutil.run("busybox", "ping", "-c", "1", "-W", "3", b_ip, ns=ns, check=False).returncode == 0
+    finally:
+        iso.destroy(cid, grace=0)
+        iso.destroy(cid + "b", grace=0)
+    _assert_nothing_left(iso, cid, tap_a)
+    _assert_nothing_left(iso, cid + "b", tap_b)
+
+
+def test_isolated_ports_reach_the_bridge_side_but_not_each_other(iso, cid, lan):
+    bridge, prefix, _ = lan
+    b = _launch(iso, cid + "b", "sleep 120", bridge, isolated=True)
+    b_ip = b.ip.split("/")[0]
+    script = (f"set -- {prefix}1; {WAIT_FOR}"
+              f"ping -c 1 -W 2 {prefix}1 >/dev/null && echo reach-peer; "
+              f"ping -c 3 -W 2 {b_ip} >/dev/null && echo reach-b; echo done")
+    _launch(iso, cid, script, bridge, isolated=True)
+    try:
+        out = _output_until(iso, cid, "done", timeout=80)
+        assert "reach-peer" in out and "reach-b" not in out and "done" in out, out
+    finally:
+        iso.destroy(cid, grace=0)
+        iso.destroy(cid + "b", grace=0)
+
+
+RECEIVER = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 5001)); s.listen(1); s.settimeout(90)
+c, _ = s.accept(); c.settimeout(30)
+want, got, first = int(sys.argv[1]), 0, None
+while got < want:
+    data = c.recv(65536)
+    if not data:
+        break
+    if first is None:
+        first, base = time.monotonic(), len(data)
+    got += len(data)
+print(got, got - base, time.monotonic() - first)
+"""
+
+
+def test_outbound_rate_limit_holds(iso, cid, lan):
+    bridge, prefix, ns = lan
+    total = 320 * 1024
+    receiver = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", RECEIVER, str(total)],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        script = (f"set -- {prefix}1; {WAIT_FOR}"
+                  f"dd if=/dev/zero bs=1024 count={total // 1024} 2>/dev/null | nc {prefix}1 5001; echo sent")
+        _launch(iso, cid, script, bridge, outbound=RateLimit(average=64, burst=16))
+        got, after_first, seconds = receiver.communicate(timeout=120)[0].split()
+    finally:
+        receiver.kill()
+        iso.destroy(cid, grace=0)
+    assert int(got) == total
+    rate_kib = int(after_first) / float(seconds) / 1024
+    assert rate_kib < 64 * 1.25, f"{rate_kib:.1f} KiB/s through a 64 KB/s limit"
+
+
+@pytest.mark.skipif(not features.vlan_filtering_available(),
+                    reason=f"this kernel lacks {features.VLAN_FILTERING}")
+def test_guests_in_different_vlans_cannot_reach_each_other(iso, cid, workdir):
+    bridge = nsutil.unique("vmtb")
+    api.create_bridge(workdir, bridge, vlan_filtering=True, subnet="10.251.7.0/24")
+    try:
+        b = _launch(iso, cid + "b", "sleep 120", bridge, vlan=20)
+        script = f"sleep 3; ping -c 3 -W 2 {b.ip.split('/')[0]} >/dev/null && echo reach-b; echo done"
+        _launch(iso, cid, script, bridge, vlan=10)
+        out = _output_until(iso, cid, "done", timeout=80)
+        assert "reach-b" not in out and "done" in out, out
+    finally:
+        iso.destroy(cid, grace=0)
+        iso.destroy(cid + "b", grace=0)
+        api.delete_bridge(workdir, bridge, force=True)
+
+
+@pytest.mark.parametrize("point", ["launch:seed", "launch:network", "launch:create"])
+def test_failed_launch_leaves_no_network(iso, cid, lan, point, monkeypatch):
+    bridge, _, _ = lan
+    monkeypatch.setenv("VMISO_FAULT", point + ":raise")
+    with pytest.raises(LaunchFailed):
+        _launch(iso, cid, "true", bridge)
+    names = {tap.candidate_name(cid, i) for i in range(4)}
+    assert not names & set(os.listdir("/sys/class/net")) and not names & set(filter.protected())
+    assert ipam.Store(iso.workdir.root).lease(cid) is None
+    assert api.show_bridge(iso.workdir.root, bridge)["ports"][0]["name"].startswith("vmtv")  # the veth only
+    assert len(api.show_bridge(iso.workdir.root, bridge)["ports"]) == 1

@@ -1,0 +1,241 @@
+"""Batch reader of every VM's counters (procfs, cgroup v1/v2, /proc/net/dev), pure Python
+(twin of vmiso/_fast/stats.pyx: same names, same results, same errors).
+
+A ``VM`` holds open file descriptors (opened once, read with pread at offset 0 on every call)
+and says what each file is: a kind (how to parse it) and, for one-number files, the slot of the
+record it fills. ``read_batch(vms, out, net_fd)`` fills ``out`` (int64, ``len(vms) * NFIELDS``)
+with one record per VM, -1 where a value is not available, and returns ``[(index, StatsError)]``
+for the VMs that could not be read: one vanished VM never fails the others.
+
+Network counters come from one read of /proc/net/dev per batch (the kernel's dev_get_stats, as
+/sys/class/net/<if>/statistics/* shows them), turned into the guest's point of view: what its
+tap receives, the guest sent.
+"""
+import os
+
+from vmiso.errors import StatsError
+
+# --- record slots (int64 each; -1 = not available) ------------------------------------------
+(F_UTIME_TICKS, F_STIME_TICKS, F_THREADS, F_RSS_PAGES,
+ F_CPU_USAGE_US, F_CPU_USER_US, F_CPU_SYSTEM_US, F_ACCT_USER_TICKS, F_ACCT_SYSTEM_TICKS,
+ F_NR_PERIODS, F_NR_THROTTLED, F_THROTTLED_US, F_THROTTLED_NS, F_CFS_QUOTA_US, F_CFS_PERIOD_US,
+ F_MEM_CURRENT, F_MEM_LIMIT, F_MEM_SWAP_CURRENT,
+ F_MEM_RSS, F_MEM_CACHE, F_MEM_SWAP, F_MEM_ACTIVE_ANON, F_MEM_INACTIVE_ANON,
+ F_MEM_ACTIVE_FILE, F_MEM_INACTIVE_FILE, F_MEM_ANON, F_MEM_FILE,
+ F_NET_RX_PACKETS, F_NET_RX_BYTES, F_NET_RX_ERRORS, F_NET_RX_DROPPED,
+ F_NET_TX_PACKETS, F_NET_TX_BYTES, F_NET_TX_ERRORS, F_NET_TX_DROPPED,
+ F_DISK_USED, NFIELDS) = range(37)
+
+# --- file kinds ----------------------------------------------------------------------------------
+K_INT = 0        # one integer (cpu.cfs_quota_us, memory.current, memory.max: "max" = UNLIMITED)
+K_CPU_KV = 1     # "key value" lines: cpu.stat (v1 and v2), cpuacct.stat
+K_MEM_KV = 2     # "key value" lines: memory.stat (v1 and v2)
+K_PROC_STAT = 3  # /proc/<pid>/stat
+K_CPU_MAX = 4    # v2 cpu.max: "<quota|max> <period>"
+K_FSTAT = 5      # a file whose allocated bytes (st_blocks * 512) fill the slot
+K_ONCE = 6       # one integer read when the VM is opened, kept (cpu.cfs_period_us: set once by libvirt)
+
+UNLIMITED = (1 << 63) - 1
+MAX_FILES = 16
+BUF_SIZE = 16384  # a cgroup v2 memory.stat is ~1.5 KiB; more means it is not the file we think
+
+CPU_KEYS = {
+    b"usage_usec": F_CPU_USAGE_US, b"user_usec": F_CPU_USER_US, b"system_usec": F_CPU_SYSTEM_US,
+    b"nr_periods": F_NR_PERIODS, b"nr_throttled": F_NR_THROTTLED,
+    b"throttled_usec": F_THROTTLED_US, b"throttled_time": F_THROTTLED_NS,
+    b"user": F_ACCT_USER_TICKS, b"system": F_ACCT_SYSTEM_TICKS,
+}
+MEM_KEYS = {
+    b"total_rss": F_MEM_RSS, b"total_cache": F_MEM_CACHE, b"total_swap": F_MEM_SWAP,
+    b"total_active_anon": F_MEM_ACTIVE_ANON, b"total_inactive_anon": F_MEM_INACTIVE_ANON,
+    b"total_active_file": F_MEM_ACTIVE_FILE, b"total_inactive_file": F_MEM_INACTIVE_FILE,
+    b"hierarchical_memory_limit": F_MEM_LIMIT, b"anon": F_MEM_ANON, b"file": F_MEM_FILE,
+}
+# /proc/net/dev columns 0-3 are the tap's receive bytes, packets, errs, drop and 8-11 its
+# transmit ones; the guest's view swaps them.
+NET_COLUMNS = ((0, F_NET_TX_BYTES), (1, F_NET_TX_PACKETS), (2, F_NET_TX_ERRORS), (3, F_NET_TX_DROPPED),
+               (8, F_NET_RX_BYTES), (9, F_NET_RX_PACKETS), (10, F_NET_RX_ERRORS), (11, F_NET_RX_DROPPED))
+_PROC_STAT_FIELDS = ((11, F_UTIME_TICKS), (12, F_STIME_TICKS), (17, F_THREADS), (21, F_RSS_PAGES))
+_INT64_MAX = (1 << 63) - 1
+_MALFORMED = "malformed contents"
+
+
+class VM:
+    """The open files of one VM. ``entries``: (path, kind, slot) each; ``tap``: its tap's name
+    (str) or None. Raises StatsError when a file cannot be opened (nothing stays open then)."""
+
+    def __init__(self, key, entries, tap=None):
+        entries = list(entries)
+        if len(entries) > MAX_FILES:
+            raise ValueError(f"at most {MAX_FILES} files per VM")
+        self.key = key
+        self.tap = tap
+        self.paths = tuple(str(path) for path, _, _ in entries)
+        self._files = []
+        self._once = []  # (slot, value)
+        for path, kind, slot in entries:
+            if kind not in (K_INT, K_CPU_KV, K_MEM_KV, K_PROC_STAT, K_CPU_MAX, K_FSTAT, K_ONCE) or \
+                    not 0 <= slot < NFIELDS:
+                self.close()
+                raise ValueError(f"bad kind {kind} or slot {slot} for {path}")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                self.close()
+                raise StatsError.from_errno(path, err.errno) from err
+            self._files.append((fd, kind, slot))
+            if kind == K_ONCE:
+                try:
+                    self._once.append((slot, _int(_pread(fd, path), path)))
+                except StatsError:
+                    self.close()
+                    raise
+
+    @property
+    def closed(self):
+        return self._files is None
+
+    def close(self):
+        files, self._files = self._files, None
+        for fd, _, _ in files or ():
+            os.close(fd)
+
+    def __del__(self):
+        if getattr(self, "_files", None):
+            self.close()
+
+
+def _int(data, path):
+    """The integer ``data`` holds (bytes, maybe with a newline); "max" is UNLIMITED."""
+    text = data.strip()
+    if text == b"max":
+        return UNLIMITED
+    if not text or not (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())) or len(text) > 20:
+        raise StatsError(path, _MALFORMED)
+    value = int(text)
+    if not -_INT64_MAX <= value <= _INT64_MAX:
+        raise StatsError(path, _MALFORMED)
+    return value
+
+
+def _key_values(data, keys, rec, base, path):
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        key, _, value = line.partition(b" ")
+        slot = keys.get(key)
+        if slot is not None:
+            rec[base + slot] = _int(value, path)
+
+
+def _proc_stat(data, rec, base, path):
+    # The command name is in parentheses and may hold anything: fields start after the last ')'.
+    end = data.rfind(b")")
+    fields = data[end + 1:].split() if end >= 0 else []
+    if len(fields) < 22:
+        raise StatsError(path, _MALFORMED)
+    for index, slot in _PROC_STAT_FIELDS:
+        rec[base + slot] = _int(fields[index], path)
+
+
+def _cpu_max(data, rec, base, path):
+    parts = data.split()
+    if len(parts) != 2:
+        raise StatsError(path, _MALFORMED)
+    quota = _int(parts[0], path)
+    rec[base + F_CFS_QUOTA_US] = -1 if quota == UNLIMITED else quota
+    rec[base + F_CFS_PERIOD_US] = _int(parts[1], path)
+
+
+def _read_vm(vm, rec, base):
+    if vm._files is None:
+        raise StatsError(vm.paths[0] if vm.paths else "<vm>", "reader closed")
+    for slot, value in vm._once:
+        rec[base + slot] = value
+    for (fd, kind, slot), path in zip(vm._files, vm.paths):
+        if kind == K_ONCE:
+            continue
+        if kind == K_FSTAT:
+            try:
+                rec[base + slot] = os.fstat(fd).st_blocks * 512
+            except OSError as err:
+                raise StatsError.from_errno(path, err.errno) from err
+            continue
+        data = _pread(fd, path)
+        if kind == K_INT:
+            rec[base + slot] = _int(data, path)
+        elif kind == K_CPU_KV:
+            _key_values(data, CPU_KEYS, rec, base, path)
+        elif kind == K_MEM_KV:
+            _key_values(data, MEM_KEYS, rec, base, path)
+        elif kind == K_PROC_STAT:
+            _proc_stat(data, rec, base, path)
+        else:
+            _cpu_max(data, rec, base, path)
+
+
+def _pread(fd, path):
+    try:
+        data = os.pread(fd, BUF_SIZE, 0)
+    except OSError as err:
+        raise StatsError.from_errno(path, err.errno) from err
+    if not data:
+        raise StatsError(path, "empty read (the VM is gone)")
+    if len(data) == BUF_SIZE:
+        raise StatsError(path, "larger than expected")
+    return data
+
+
+def _read_all(fd):
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 65536, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def _net(vms, rec, net_fd, failed):
+    """Fill the network slots of every VM read from one read of /proc/net/dev. A line that is
+    not in the format we know leaves that VM's counters unavailable."""
+    taps = {vm.tap.encode(): i for i, vm in enumerate(vms) if vm.tap is not None and i not in failed}
+    if not taps:
+        return
+    for line in _read_all(net_fd).split(b"\n")[2:]:
+        name, sep, rest = line.partition(b":")
+        index = taps.get(name.strip()) if sep else None
+        if index is None:
+            continue
+        columns = rest.split()
+        if len(columns) < 16:
+            continue  # not the format we know: leave the counters unavailable
+        try:
+            values = [_int(columns[column], "/proc/net/dev") for column, _ in NET_COLUMNS]
+        except StatsError:
+            continue
+        base = index * NFIELDS
+        for (_, slot), value in zip(NET_COLUMNS, values):
+            rec[base + slot] = value
+
+
+def read_batch(vms, out, net_fd=-1):
+    """Read every VM of ``vms`` into ``out``; return [(index, StatsError)] for those that failed."""
+    rec = memoryview(out).cast("B").cast("q")
+    if len(rec) < len(vms) * NFIELDS:
+        raise ValueError(f"out holds {len(rec)} values; {len(vms) * NFIELDS} needed")
+    errors = []
+    for i, vm in enumerate(vms):
+        base = i * NFIELDS
+        rec[base:base + NFIELDS] = _MISSING
+        try:
+            _read_vm(vm, rec, base)
+        except StatsError as err:
+            rec[base:base + NFIELDS] = _MISSING
+            errors.append((i, err))
+    if net_fd >= 0:
+        _net(vms, rec, net_fd, {i for i, _ in errors})
+    return errors
+
+
+_MISSING = memoryview(bytes(b"\xff" * 8 * NFIELDS)).cast("q")

@@ -1,0 +1,315 @@
+"""Launch latency: N launches of a command (``true``) on micro through the real Isolator, phase
+by phase, with the Mesos-prototype path (bench/baseline.py) for the same task in the same run.
+
+Each vmiso launch records, as time.monotonic() stamps: the Isolator's own steps (its
+``timeline()``), what the guest prints (bench/marks.py: first console byte, VMISO-USERSPACE,
+VMISO-TASK-START, the exit line on the task channel), the VM gone (libvirt's stopped event) and
+destroy() returning. Sequential runs alternate vmiso and the prototype so machine noise hits both;
+``concurrency`` > 1 runs that many at once (vmiso first, then the prototype) and reports the
+throughput. Results: medians and p90s per phase and end to end, and every launch's marks in ms.
+"""
+import os
+import secrets
+import statistics
+import sys
+import threading
+import time
+
+from ..image import micro as micro_mod
+from ..spec import Resources, TaskSpec
+from . import baseline as prototype
+from .marks import MarkWatcher, ProcessExit
+
+WAIT_TIMEOUT_S = 180.0
+PID_DIR = "/run/libvirt/qemu"  # libvirt's pid files, <domain>.pid
+# (mark, phase that ends at it, label), in critical-path order. A phase lasts from the previous
+# mark present in a launch to its own mark.
+VMISO_MARKS = (
+    ("launch:image", "image", "spec validated, image resolved"),
+    ("launch:dir", "dir", "container directory"),
+    ("launch:checkpoint", "checkpoint", "launching checkpoint"),
+    ("launch:overlay", "overlay", "qcow2 overlay"),
+    ("launch:seed", "seed", "seed ISO"),
+    ("launch:network", "network", "network"),
+    ("launch:xml", "xml", "domain XML (host preparation ends)"),
+    ("launch:create", "create", "createXML returned"),
+    ("console", "console", "first console byte"),
+    ("userspace", "userspace", "guest userspace"),
+    ("task_start", "task_start", "task started"),
+    ("task_exit", "task_exit", "task exited (exit line)"),
+    ("qemu_exit", "qemu_exit", "QEMU exited (guest powered off)"),
+    ("vm:stopped", "vm_gone", "VM gone (libvirt's stopped event)"),
+    ("cleaned", "cleanup", "cleaned up (destroy returned)"),
+)
+BASELINE_MARKS = (
+    ("copy", "copy", "whole-disk copy (cp, 1 GiB)"),
+    ("seed", "seed", "seed ISO (genisoimage)"),
+    ("define", "define", "defineXML (persistent)"),
+    ("started", "create", "create returned"),
+    ("console", "console", "first console byte"),
+    ("userspace", "userspace", "guest userspace"),
+    ("task_start", "task_start", "task started"),
+    ("completion", "completion", "completion line seen (polled)"),
+    ("cleaned", "cleanup", "destroy, undefine, delete (not counted)"),
+)
+
+
+def vmiso_once(iso, command, mem_mib=256):
+    """One launch through ``iso`` (an Isolator); {mark: ms since launch start}, plus "ok"."""
+    cid = "bench-" + secrets.token_hex(4)
+    watcher = MarkWatcher(iso.workdir.containers, cid, pidfile=f"{PID_DIR}/vmiso-{cid}.pid")
+    watcher.start()
+    watcher.ready.wait()
+    spec = TaskSpec(command=command, resources=Resources(mem_mib=mem_mib))
+    timeline, ok, qemu = {}, False, None
+    try:
+        iso.launch(cid, spec)
+        qemu = ProcessExit(f"{PID_DIR}/vmiso-{cid}.pid")
+        qemu.start()
+        termination = iso.wait(cid, timeout=WAIT_TIMEOUT_S)
+        ok = termination.exit_code is not None
+        timeline = iso.timeline(cid)
+    finally:
+        iso.destroy(cid, grace=0)
+        cleaned = time.monotonic()
+        watcher.stop()
+        if qemu is not None:
+            qemu.join(5)
+    marks = {**timeline, **watcher.marks, "cleaned": cleaned}
+    if qemu is not None and qemu.when is not None:
+        marks["qemu_exit"] = qemu.when
+    start = marks.pop("launch:start", None) or cleaned
+    out = _relative(marks, start, ok)
+    if "userspace" in watcher.cpu:
+        out["qemu_cpu_to_userspace_s"] = watcher.cpu["userspace"]
+    return out
+
+
+def baseline_once(conn, workdir, base, boot, accel, command, mem_mib=256):
+    marks = prototype.once(conn, workdir, base, boot, accel, command, mem_mib)
+    ok = marks.pop("ok")
+    return _relative(marks, marks.pop("start"), ok)
+
+
+def _relative(marks, start, ok):
+    out = {name: round((t - start) * 1000, 3) for name, t in marks.items() if isinstance(t, float)}
+    out["ok"] = ok
+    return out
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+def p90(values):
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=10, method="inclusive")[8]
+
+
+def phases(launch, order):
+    """{phase: ms} of one launch: each mark minus the previous mark present."""
+    out, previous = {}, 0.0
+    for mark, phase, _label in order:
+        if mark in launch:
+            out[phase] = round(launch[mark] - previous, 3)
+            previous = launch[mark]
+    return out
+
+
+def _stats(launches, order):
+    per = [phases(launch, order) for launch in launches]
+    names = [phase for _m, phase, _l in order if any(phase in p for p in per)]
+    medians = {n: round(statistics.median([p[n] for p in per if n in p]), 3) for n in names}
+    p90s = {n: round(p90([p[n] for p in per if n in p]), 3) for n in names}
+    marks = [m for m, _p, _l in order if any(m in launch for launch in launches)]
+    at = {m: round(statistics.median([launch[m] for launch in launches if m in launch]), 3) for m in marks}
+    return medians, p90s, at
+
+
+def _span(launches, frm, to):
+    return [launch[to] - launch.get(frm, 0.0) for launch in launches if to in launch and (frm is None or frm in launch)]
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
+def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1):
+    medians, p90s, at = _stats(vm, VMISO_MARKS)
+    prep = _span(vm, None, "launch:xml")
+    userspace = _span(vm, "launch:xml", "userspace")
+    total = _span(vm, None, "cleaned")
+    result = {
+        "n": len(vm), "concurrency": concurrency, "failures": sum(not v["ok"] for v in vm),
+        "phases_ms": medians, "phases_p90_ms": p90s, "marks_ms": at,
+        "host_prep_ms": round(statistics.median(prep), 3), "host_prep_p90_ms": round(p90(prep), 3),
+        "first_host_prep_ms": round(prep[0], 3),
+        "to_userspace_s": round(statistics.median(userspace) / 1000, 3) if userspace else None,
+        "to_userspace_p90_s": round(p90(userspace) / 1000, 3) if userspace else None,
+        "run_true_s": round(statistics.median(total) / 1000, 3), "run_true_p90_s": round(p90(total) / 1000, 3),
+        "qemu_cpu_to_userspace_s": _median([v.get("qemu_cpu_to_userspace_s") for v in vm]),
+        "launches": vm,
+    }
+    if wall is not None and concurrency > 1:
+        result["wall_s"] = round(wall, 3)
+        result["throughput_per_min"] = round(len(vm) / wall * 60, 2)
+    if base:
+        b_medians, b_p90s, b_at = _stats(base, BASELINE_MARKS)
+        end = _span(base, None, "completion")
+        result.update({
+            "baseline_s": round(statistics.median(end) / 1000, 3) if end else None,
+            "baseline_p90_s": round(p90(end) / 1000, 3) if end else None,
+            "baseline_failures": sum(not b["ok"] for b in base),
+            "baseline_phases_ms": b_medians, "baseline_phases_p90_ms": b_p90s, "baseline_marks_ms": b_at,
+            "baseline_launches": base,
+        })
+        if end:
+            result["speedup_vs_baseline"] = round(result["baseline_s"] / result["run_true_s"], 2)
+        if base_wall is not None and concurrency > 1:
+            result["baseline_wall_s"] = round(base_wall, 3)
+            result["baseline_throughput_per_min"] = round(len(base) / base_wall * 60, 2)
+    return result
+
+
+# -- running -----------------------------------------------------------------------------------
+
+class Progress:
+    """One line on stderr, rewritten as launches finish."""
+
+    def __init__(self, total, stream=sys.stderr, enabled=True):
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.done, self.lock, self.last = {"vmiso": 0, "baseline": 0}, threading.Lock(), ""
+
+    def __call__(self, kind, launch):
+        with self.lock:
+            self.done[kind] += 1
+            end = launch.get("cleaned" if kind == "vmiso" else "completion")
+            self.last = f"last {kind} {end / 1000:.2f} s" if end is not None else f"last {kind} FAILED"
+            self.show()
+
+    def show(self, note=""):
+        if not self.enabled:
+            return
+        parts = [f"{k} {v}/{self.total[k]}" for k, v in self.done.items() if self.total.get(k)]
+        self.stream.write(f"\rbench launch: {', '.join(parts)}  {note or self.last}\x1b[K")
+        self.stream.flush()
+
+    def note(self, text):
+        self.show(text)
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _pool(jobs, concurrency):
+    """Run the no-argument callables ``jobs`` on ``concurrency`` threads; (results in order, wall s)."""
+    results = [None] * len(jobs)
+    errors = []
+    lock = threading.Lock()
+    queue = list(enumerate(jobs))
+
+    def worker():
+        while True:
+            with lock:
+                if not queue or errors:
+                    return
+                index, job = queue.pop(0)
+            try:
+                results[index] = job()
+            except BaseException as err:  # noqa: BLE001 - re-raised below
+                with lock:
+                    errors.append(err)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(concurrency, len(jobs)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, time.monotonic() - started
+
+
+def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/var/lib/vmiso",
+        mem_mib=256, progress=True, isolator=None):
+    """Measure; return the result object (see summarize)."""
+    from ..image.resolve import resolve
+    from ..isolator import Isolator
+
+    command = [a if isinstance(a, bytes) else os.fsencode(a) for a in command]
+    iso = isolator or Isolator(workdir=workdir, agent_id="vmiso-bench")
+    show = Progress({"vmiso": n, "baseline": n if with_baseline else 0}, enabled=progress)
+    try:
+        iso.host.conn()  # connect once, before the first launch is timed
+        vm_job = _job(lambda: vmiso_once(iso, command, mem_mib), "vmiso", show)
+        base_job = None
+        if with_baseline:
+            built = micro_mod.find_micro(iso.workdir.root)
+            if built is None:
+                raise RuntimeError("micro is not built: run 'vmiso image build-micro'")
+            base = prototype.base_image(iso.workdir.root, built, progress=show.note)
+            boot = resolve(iso.workdir, "micro")
+            conn = iso.host.conn()
+            prototype.remove_leftovers(conn)
+            base_job = _job(lambda: baseline_once(conn, iso.workdir.root, base, boot, iso.accel, command,
+                                                  mem_mib), "baseline", show)
+        show.show("starting")
+        if concurrency == 1:
+            jobs = [j for _ in range(n) for j in (vm_job, base_job) if j is not None]
+            results, _ = _pool(jobs, 1)
+            vm = results[::2] if base_job else results
+            base = results[1::2] if base_job else None
+            wall = base_wall = None
+        else:
+            vm, wall = _pool([vm_job] * n, concurrency)
+            base, base_wall = _pool([base_job] * n, concurrency) if base_job else (None, None)
+    finally:
+        show.close()
+        if isolator is None:
+            iso.host.close()
+    return summarize(vm, base, wall, base_wall, concurrency)
+
+
+def _job(fn, kind, progress):
+    def job():
+        result = fn()
+        progress(kind, result)
+        return result
+    return job
+
+
+def report(result):
+    """The result as a table an operator reads: per phase median and p90, then the totals."""
+    lines = [f"launch latency, {result['n']} launches of the task, concurrency {result['concurrency']}"
+             f"{', ' + str(result['failures']) + ' FAILED' if result['failures'] else ''}",
+             f"  {'phase':<44} {'median ms':>10} {'p90 ms':>10}"]
+    labels = {phase: label for _m, phase, label in VMISO_MARKS}
+    for phase, ms in result["phases_ms"].items():
+        lines.append(f"  {labels.get(phase, phase):<44} {ms:>10.1f} {result['phases_p90_ms'][phase]:>10.1f}")
+    lines += [
+        f"  host preparation (start -> XML):          {result['host_prep_ms']:8.2f} ms   p90 "
+        f"{result['host_prep_p90_ms']:.2f} ms   first launch {result['first_host_prep_ms']:.2f} ms",
+        f"  createXML call -> guest userspace:         {result['to_userspace_s']:8.3f} s    p90 "
+        f"{result['to_userspace_p90_s']:.3f} s",
+        f"  whole run (launch start -> cleaned up):    {result['run_true_s']:8.3f} s    p90 "
+        f"{result['run_true_p90_s']:.3f} s",
+    ]
+    if "throughput_per_min" in result:
+        lines.append(f"  throughput: {result['throughput_per_min']:.1f} tasks/min "
+                     f"({result['n']} in {result['wall_s']:.1f} s)")
+    if "baseline_s" in result:
+        b_labels = {phase: label for _m, phase, label in BASELINE_MARKS}
+        lines.append(f"prototype path (baseline), same run{', FAILED ' + str(result['baseline_failures']) if result['baseline_failures'] else ''}")
+        for phase, ms in result["baseline_phases_ms"].items():
+            lines.append(f"  {b_labels.get(phase, phase):<44} {ms:>10.1f} {result['baseline_phases_p90_ms'][phase]:>10.1f}")
+        lines.append(f"  end to end (start -> completion line):     {result['baseline_s']:8.3f} s    p90 "
+                     f"{result['baseline_p90_s']:.3f} s")
+        if "baseline_throughput_per_min" in result:
+            lines.append(f"  throughput: {result['baseline_throughput_per_min']:.1f} tasks/min")
+        if result.get("speedup_vs_baseline"):
+            lines.append(f"vmiso is {result['speedup_vs_baseline']:.2f}x faster end to end than the prototype path")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""``vmiso bench launch``: launch latency phase by phase, against the Mesos-prototype baseline."""
+import json
+import sys
+
+
+def register_bench(bsub):
+    from .bench import positive_int
+
+    p = bsub.add_parser(
+        "launch", help="launch latency, phase by phase (and the 2016 prototype path with --baseline)",
+        description="Run N launches of a command (default: true) on micro through the real Isolator and "
+                    "report the median and p90 of every phase: host preparation (image, overlay, seed, XML), "
+                    "createXML, first console byte, guest userspace, task start and exit, VM gone, cleaned "
+                    "up. --baseline alternates them with the Mesos prototype's path (whole-disk copy of a "
+                    "1 GiB image, genisoimage seed, persistent define + start, end seen by polling the "
+                    "console) for the same task.",
+        epilog="example: vmiso bench launch -n 10 --baseline --plot launch.svg")
+    p.add_argument("-n", type=positive_int, default=5, metavar="N", help="launches (default 5; each variant)")
+    p.add_argument("--concurrency", type=positive_int, default=1, metavar="C",
+                   help="launches at once; reports throughput (default 1)")
+    p.add_argument("--baseline", action="store_true", help="also run the prototype path, in the same run")
+    p.add_argument("--json", action="store_true", help="print the result object as JSON")
+    p.add_argument("--plot", metavar="FILE.svg", help="write a waterfall of every launch's phases")
+    p.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest memory (default 256)")
+    p.add_argument("--command", nargs="+", default=["true"], metavar="ARG",
+                   help="the task's command (default: true)")
+    p.set_defaults(func=launch)
+
+
+def launch(args):
+    from ..bench import launch as scenario
+
+    result = scenario.run(n=args.n, concurrency=args.concurrency, with_baseline=args.baseline,
+                          command=args.command, workdir=args.workdir, mem_mib=args.mem,
+                          progress=sys.stderr.isatty() or not args.json)
+    if args.plot:
+        from ..bench import plot
+
+        plot.write(args.plot, result)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(scenario.report(result))
+    return 0 if not result["failures"] and not result.get("baseline_failures") else 1

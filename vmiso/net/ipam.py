@@ -1,0 +1,183 @@
+"""Address plans and leases, kept on disk so no address or MAC is handed out twice, across
+restarts and across processes.
+
+One JSON file per work directory, ``<workdir>/net/ipam.json`` (0600), changed only under an
+exclusive flock of ``<workdir>/net/ipam.lock`` and replaced atomically (temp file, fsync,
+rename), so a crash leaves the old store or the new one::
+
+  {"version": 1,
+   "plans":  {"<bridge>": {"subnet": "10.77.0.0/24", "gateway": "10.77.0.1", "isolated_ports": false}},
+   "leases": {"<container id>": {"bridge": "...", "ip": "10.77.0.2/24", "mac": "02:..", "tap": "vmi.."}}}
+
+A lease is keyed by its container id: releasing by id is idempotent, and whatever a crashed
+launch allocated is found again by the id alone.
+"""
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+
+from ..errors import AlreadyExists, InvalidSpec, NetworkError, NotFound
+from . import addr
+
+VERSION = 1
+STORE = "ipam.json"
+LOCK = "ipam.lock"
+MAX_MAC_ATTEMPTS = 64
+
+
+class Store:
+    """The plan and lease store of one work directory. Every method is one locked transaction."""
+
+    def __init__(self, workdir):
+        self.dir = os.path.join(os.fspath(workdir), "net")
+        self.path = os.path.join(self.dir, STORE)
+
+    @contextlib.contextmanager
+    def _locked(self, write):
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+            data = self._read()
+            yield data
+            if write:
+                self._write(data)
+        finally:
+            os.close(fd)
+
+    def _read(self):
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read() or b"{}")
+        except FileNotFoundError:
+            data = {}
+        except ValueError as err:
+            raise NetworkError(f"address store {self.path} is corrupt: {err}") from err
+        if data and data.get("version") != VERSION:
+            raise NetworkError(f"address store {self.path} has version {data.get('version')}, not {VERSION}")
+        data.setdefault("version", VERSION)
+        data.setdefault("plans", {})
+        data.setdefault("leases", {})
+        return data
+
+    def _write(self, data):
+        tmp = self.path + ".tmp"
+        payload = json.dumps(data, sort_keys=True, indent=1).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+
+    # --- plans ----------------------------------------------------------------------------------
+    def set_plan(self, bridge, *, subnet=None, gateway=None, isolated_ports=None):
+        """Declare (or change) a bridge's plan. A subnet that would strand a lease is refused."""
+        addr.validate_ifname(bridge, "bridge")
+        net = addr.parse_subnet(subnet) if subnet is not None else None
+        gw = ipaddress.IPv4Address(gateway) if gateway is not None else None
+        if net is not None and gw is not None and gw not in net:
+            raise InvalidSpec("address", f"{gw} is not in {net}")
+        with self._locked(write=True) as data:
+            plan = dict(data["plans"].get(bridge, {}))
+            if net is not None:
+                for cid, lease in data["leases"].items():
+                    if lease["bridge"] == bridge and ipaddress.IPv4Interface(lease["ip"]).ip not in net:
+                        raise InvalidSpec("subnet", f"{net} excludes {lease['ip']} leased to {cid}")
+                plan["subnet"] = str(net)
+            if gw is not None:
+                plan["gateway"] = str(gw)
+            if isolated_ports is not None:
+                plan["isolated_ports"] = bool(isolated_ports)
+            data["plans"][bridge] = plan
+            return dict(plan)
+
+    def plan(self, bridge):
+        with self._locked(write=False) as data:
+            return dict(data["plans"].get(bridge, {}))
+
+    def drop_plan(self, bridge):
+        """Forget a bridge's plan; refused while a lease is on it."""
+        with self._locked(write=True) as data:
+            users = sorted(c for c, lease in data["leases"].items() if lease["bridge"] == bridge)
+            if users:
+                raise NetworkError(f"bridge {bridge} still has leases: {', '.join(users)}")
+            data["plans"].pop(bridge, None)
+
+    # --- leases ---------------------------------------------------------------------------------
+    def allocate(self, owner, bridge, *, ip=None, mac=None, tap=None, taken_macs=()):
+        """Lease an address and a MAC on ``bridge`` to ``owner``; returns the lease (a dict).
+
+        ``ip``: a requested ``A.B.C.D/NN`` (must be in the bridge's subnet when it has a plan and
+        free); None: the lowest free one of the plan. ``mac``: requested (must be unused) or None
+        (derived from the owner). ``taken_macs``: MACs in use on the host outside the store.
+        Allocating again for an owner that holds a lease returns that lease unchanged.
+        """
+        with self._locked(write=True) as data:
+            leases = data["leases"]
+            if owner in leases:
+                return dict(leases[owner])
+            plan = data["plans"].get(bridge, {})
+            on_bridge = {ipaddress.IPv4Interface(v["ip"]).ip: c for c, v in leases.items() if v["bridge"] == bridge}
+            iface = _choose_ip(bridge, plan, on_bridge, ip)
+            used = {v["mac"] for v in leases.values()} | {m.lower() for m in taken_macs}
+            lease = {"bridge": bridge, "ip": str(iface), "mac": _choose_mac(owner, mac, used), "tap": tap}
+            leases[owner] = lease
+            return dict(lease)
+
+    def set_tap(self, owner, tap):
+        with self._locked(write=True) as data:
+            if owner not in data["leases"]:
+                raise NotFound("lease", owner)
+            data["leases"][owner]["tap"] = tap
+
+    def release(self, owner):
+        """Free ``owner``'s lease; returns it (None when it had none). Idempotent."""
+        with self._locked(write=True) as data:
+            return data["leases"].pop(owner, None)
+
+    def lease(self, owner):
+        with self._locked(write=False) as data:
+            lease = data["leases"].get(owner)
+            return dict(lease) if lease else None
+
+    def leases(self, bridge=None):
+        with self._locked(write=False) as data:
+            return {c: dict(v) for c, v in data["leases"].items() if bridge is None or v["bridge"] == bridge}
+
+
+def _choose_ip(bridge, plan, on_bridge, requested):
+    net = ipaddress.IPv4Network(plan["subnet"]) if plan.get("subnet") else None
+    gateway = ipaddress.IPv4Address(plan["gateway"]) if plan.get("gateway") else None
+    if requested is not None:
+        iface = addr.parse_cidr(requested, "ip")
+        if net is not None and (iface.ip not in net or iface.network != net):
+            raise InvalidSpec("ip", f"{iface} is outside bridge {bridge}'s subnet {net}")
+        if iface.ip == gateway:
+            raise AlreadyExists("address (the bridge's own)", str(iface.ip))
+        if iface.ip in on_bridge:
+            raise AlreadyExists("address", f"{iface.ip} (leased to {on_bridge[iface.ip]})")
+        return iface
+    if net is None:
+        raise InvalidSpec("ip", f"bridge {bridge} has no subnet to allocate from: give ip=A.B.C.D/NN, or "
+                                f"declare one with 'vmiso net bridge create {bridge} --subnet CIDR'")
+    for host in net.hosts():
+        if host != gateway and host not in on_bridge:
+            return ipaddress.IPv4Interface(f"{host}/{net.prefixlen}")
+    raise NetworkError(f"subnet {net} of bridge {bridge} has no free address")
+
+
+def _choose_mac(owner, requested, used):
+    if requested is not None:
+        mac = addr.parse_mac(requested)
+        if mac in used or addr.tap_mac(mac) in used:
+            raise AlreadyExists("MAC address", mac)
+        return mac
+    for attempt in range(MAX_MAC_ATTEMPTS):
+        mac = addr.derive_mac("guest:" + owner, attempt)
+        if mac not in used and addr.tap_mac(mac) not in used:
+            return mac
+    raise NetworkError(f"no free MAC address for {owner} after {MAX_MAC_ATTEMPTS} tries")

@@ -1,0 +1,112 @@
+"""recover(): after the agent restarts, every container is running again under supervision or
+reported terminal, and nothing of ours is leaked.
+
+Sources of truth, in order: the checkpoints in the work dir, libvirt's live domains (ours only
+when their ownership metadata names this agent), the task channel's exit line. A second call
+changes nothing.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+
+from . import state
+from .errors import NotFound, VmisoError
+from .paths import CHECKPOINT
+from .virt import domain as domain_xml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryReport:
+    running: list = field(default_factory=list)      # ids under supervision again
+    terminated: dict = field(default_factory=dict)   # id -> Termination, record kept until destroy()
+    destroyed: list = field(default_factory=list)    # interrupted destroys, finished and removed
+    orphans: list = field(default_factory=list)      # domains of ours without a record, destroyed
+    corrupt: list = field(default_factory=list)      # unreadable checkpoints, cleaned (non-strict)
+    busy: list = field(default_factory=list)         # launches under way in another process
+
+    @property
+    def ids(self):
+        return sorted(set(self.running) | set(self.terminated))
+
+
+def recover(iso, strict=False):
+    report = RecoveryReport()
+    for container_id in iso.workdir.container_ids():
+        _recover_one(iso, container_id, strict, report)
+    _destroy_orphans(iso, report)
+    return report
+
+
+def _recover_one(iso, container_id, strict, report):
+    directory = str(iso.workdir.container_dir(container_id))
+    _remove_temp_files(directory)
+    try:
+        c = iso._get(container_id)
+    except NotFound:
+        return
+    except state.CheckpointError as err:
+        if _busy(directory):
+            report.busy.append(container_id)
+            return
+        if strict:
+            raise
+        log.warning("container %s: %s; cleaning it up", container_id, err)
+        _clean_unreadable(iso, container_id)
+        report.corrupt.append(container_id)
+        return
+    if c.checkpoint.remove_requested:
+        # destroy() was interrupted: finish it (the kill, if needed, was finished by adoption).
+        termination = iso.wait(container_id)
+        with c.op:
+            iso._remove(c, termination)
+        report.destroyed.append(container_id)
+    elif c.termination is not None:
+        report.terminated[container_id] = c.termination
+    else:
+        report.running.append(container_id)
+
+
+def _busy(directory):
+    from .isolator import _launch_in_progress
+
+    return _launch_in_progress(directory)
+
+
+def _remove_temp_files(directory):
+    """A crash between writing a checkpoint's temp file and renaming it leaves the temp file."""
+    try:
+        os.unlink(os.path.join(directory, CHECKPOINT + ".tmp"))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+
+
+def _clean_unreadable(iso, container_id):
+    """No trustworthy record: stop the domain if it is provably ours, then remove the files."""
+    for dom, metadata in iso.host.our_domains(domain_xml.METADATA_NS):
+        record = domain_xml.parse_metadata(metadata)
+        if record and record.get("agent") == iso.agent_id and record.get("container") == container_id:
+            iso.host.destroy(dom)
+    iso.workdir.remove_container_dir(container_id)
+
+
+def _destroy_orphans(iso, report):
+    """Domains that carry this agent's metadata but have no record: a launch that crashed after
+    createXML and before its directory survived, or a record removed by hand."""
+    known = set(iso.workdir.container_ids())
+    try:
+        domains = iso.host.our_domains(domain_xml.METADATA_NS)
+    except VmisoError as err:
+        log.warning("cannot list domains for orphans: %s", err)
+        return
+    for dom, metadata in domains:
+        record = domain_xml.parse_metadata(metadata)
+        if not record or record.get("agent") != iso.agent_id:
+            continue  # not ours (or not provably ours): never touched, whatever its name
+        container_id = record.get("container", "")
+        if container_id in known:
+            continue
+        log.warning("destroying orphan domain of container %s", container_id)
+        iso.host.destroy(dom)
+        report.orphans.append(container_id)
