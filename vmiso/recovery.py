@@ -25,6 +25,7 @@ class RecoveryReport:
     orphans: list = field(default_factory=list)      # domains of ours without a record, destroyed
     corrupt: list = field(default_factory=list)      # unreadable checkpoints, cleaned (non-strict)
     busy: list = field(default_factory=list)         # launches under way in another process
+    leases: list = field(default_factory=list)       # network leases (tap, rules) of vanished containers, freed
 
     @property
     def ids(self):
@@ -36,6 +37,7 @@ def recover(iso, strict=False):
     for container_id in iso.workdir.container_ids():
         _recover_one(iso, container_id, strict, report)
     _destroy_orphans(iso, report)
+    _release_stray_leases(iso, report)
     return report
 
 
@@ -110,3 +112,23 @@ def _destroy_orphans(iso, report):
         log.warning("destroying orphan domain of container %s", container_id)
         iso.host.destroy(dom)
         report.orphans.append(container_id)
+
+
+def _release_stray_leases(iso, report):
+    """A network lease (and its tap, filter chain, rate limits) whose container has no record
+    any more: a crash between removing the record and releasing the network, or a corrupt
+    checkpoint cleaned above. Leases are written before the tap exists, so this finds every tap."""
+    from .net import ipam, port
+
+    store = ipam.Store(iso.workdir.root)
+    if not os.path.exists(store.path):
+        return
+    known = set(iso.workdir.container_ids())
+    for container_id in store.leases():
+        if container_id in known:
+            continue
+        try:
+            port.release(iso.workdir.root, container_id)
+            report.leases.append(container_id)
+        except VmisoError as err:
+            log.warning("releasing the network of vanished container %s: %s", container_id, err)

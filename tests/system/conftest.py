@@ -1,12 +1,16 @@
 """System-test fixtures: the real libvirtd, the real micro guest, a work dir shared with `make demo`
 (so micro is built once), and a check that nothing of ours is left behind after each test."""
 import os
+import random
 import secrets
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from tests.net import nsutil
+from vmiso.net import api, ipam
 
 WORKDIR = os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso")
 AGENT = "vmiso-systest"
@@ -47,3 +51,23 @@ def vmiso_cli(*args, workdir=WORKDIR, timeout=120, **kw):
     """Run the vmiso CLI as a user would (a separate process); returns CompletedProcess (bytes)."""
     return subprocess.run([sys.executable, "-m", "vmiso", "--workdir", workdir, *args],
                           capture_output=True, timeout=timeout, **kw)
+
+
+@pytest.fixture
+def lan(workdir):
+    """(bridge, subnet prefix 'A.B.C.', peer namespace) with the peer at .1; all removed after."""
+    bridge, veth, peer = nsutil.unique("vmtb"), nsutil.unique("vmtv"), nsutil.unique("vmtw")
+    prefix = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}."
+    with nsutil.netns("vmtp") as ns:
+        try:
+            api.create_bridge(workdir, bridge)
+            ipam.Store(workdir).set_plan(bridge, subnet=prefix + "0/24", gateway=prefix + "1")
+            subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer, "netns", ns], check=True)
+            subprocess.run(["ip", "link", "set", veth, "master", bridge, "up"], check=True)
+            subprocess.run(["ip", "-n", ns, "addr", "add", prefix + "1/24", "dev", peer], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", peer, "up"], check=True)
+            yield bridge, prefix, ns
+        finally:
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+            api.delete_bridge(workdir, bridge, force=True)
+            ipam.Store(workdir).drop_plan(bridge)

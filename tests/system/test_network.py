@@ -5,7 +5,6 @@ end sits in a throwaway namespace with the subnet's .1 address. Nothing is route
 traffic stays between these VMs, this bridge and that namespace, and all of it is removed after.
 """
 import os
-import random
 import subprocess
 import sys
 import time
@@ -18,26 +17,6 @@ from vmiso.net import api, features, filter, ipam, tap
 from vmiso.spec import NetworkSpec, RateLimit
 
 pytestmark = pytest.mark.system
-
-
-@pytest.fixture
-def lan(workdir):
-    """(bridge, subnet prefix 'A.B.C.', peer namespace) with the peer at .1; all removed after."""
-    bridge, veth, peer = nsutil.unique("vmtb"), nsutil.unique("vmtv"), nsutil.unique("vmtw")
-    prefix = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}."
-    with nsutil.netns("vmtp") as ns:
-        try:
-            api.create_bridge(workdir, bridge)
-            ipam.Store(workdir).set_plan(bridge, subnet=prefix + "0/24", gateway=prefix + "1")
-            subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer, "netns", ns], check=True)
-            subprocess.run(["ip", "link", "set", veth, "master", bridge, "up"], check=True)
-            subprocess.run(["ip", "-n", ns, "addr", "add", prefix + "1/24", "dev", peer], check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", peer, "up"], check=True)
-            yield bridge, prefix, ns
-        finally:
-            subprocess.run(["ip", "link", "del", veth], capture_output=True)
-            api.delete_bridge(workdir, bridge, force=True)
-            ipam.Store(workdir).drop_plan(bridge)
 
 
 def _launch(iso, cid, script, bridge, **net):

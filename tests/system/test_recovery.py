@@ -19,7 +19,7 @@ pytestmark = pytest.mark.system
 AGENT = "vmiso-recovery-test"
 
 
-def agent_process(workdir, cid, cmd, env_fault=None, destroy_fault=None):
+def agent_process(workdir, cid, cmd, env_fault=None, destroy_fault=None, network=None):
     env = dict(os.environ)
     env.pop("VMISO_FAULT", None)
     if env_fault:
@@ -27,6 +27,8 @@ def agent_process(workdir, cid, cmd, env_fault=None, destroy_fault=None):
     argv = [sys.executable, "-m", "vmiso.testing.agent", "--workdir", workdir, "--agent", AGENT, "--id", cid]
     if destroy_fault:
         argv += ["--destroy-fault", destroy_fault]
+    if network:
+        argv += ["--network", network]
     return subprocess.run(argv + ["--", *cmd], capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -66,7 +68,7 @@ def assert_recovered_once(report, cid):
     return places
 
 
-@pytest.mark.parametrize("point", LAUNCH_POINTS + DESTROY_POINTS)
+@pytest.mark.parametrize("point", [p for p in LAUNCH_POINTS if p != "launch:network"] + list(DESTROY_POINTS))
 def test_crash_point_matrix(workdir, cid, fresh, point):
     if point.startswith("launch:"):
         proc = agent_process(workdir, cid, ["sleep", "600"], env_fault=point)
@@ -168,3 +170,37 @@ def test_foreign_domains_are_never_touched(workdir, cid, fresh, tmp_path):
     finally:
         for name in names:
             subprocess.run(["virsh", "destroy", name], capture_output=True)
+
+
+@pytest.mark.parametrize("point", ["launch:checkpoint", "launch:seed", "launch:network", "launch:create",
+                                   "launch:running", "destroy:kill", "destroy:cleanup"])
+def test_crash_point_matrix_with_network(workdir, cid, fresh, lan, point):
+    """The same crashes with a tap, filter chain and lease in play: none of them leaks."""
+    from vmiso.net import filter, ipam
+
+    bridge = lan[0]
+    kind = {"env_fault": point} if point.startswith("launch:") else {"destroy_fault": point}
+    proc = agent_process(workdir, cid, ["sleep", "600"], network=bridge, **kind)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    iso = fresh()
+    report = iso.recover()
+    assert_recovered_once(report, cid)
+    if cid in report.running or cid in report.terminated:
+        iso.destroy(cid, grace=0)
+    assert leftovers(workdir, cid) == []
+    assert ipam.Store(workdir).lease(cid) is None
+    assert not [t for t in filter.protected() if os.path.exists(f"/sys/class/net/{t}")
+                and t not in _taps_of_running(iso)]
+    assert not any(name.startswith("vmi") for name in os.listdir("/sys/class/net")
+                   if name not in _taps_of_running(iso))
+
+
+def _taps_of_running(iso):
+    """Taps that belong to containers still running in this work dir (other tests' are not ours)."""
+    taps = set()
+    for container_id in iso.workdir.container_ids():
+        try:
+            taps.add(iso._get(container_id).checkpoint.extra.get("tap"))
+        except Exception:
+            continue
+    return taps

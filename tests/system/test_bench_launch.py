@@ -1,0 +1,33 @@
+"""`vmiso bench launch -n 2 --json` end to end: the result object's keys, and every launch's
+marks positive and in the order a launch goes through them (no timing asserts)."""
+import json
+
+import pytest
+
+from .conftest import vmiso_cli
+
+pytestmark = pytest.mark.system
+
+ORDER = ("launch:image", "launch:overlay", "launch:seed", "launch:xml", "launch:create", "userspace",
+         "task_start", "task_exit", "vm:stopped", "cleaned")
+
+
+def test_bench_launch_json(workdir, tmp_path):
+    plot = tmp_path / "launch.svg"
+    proc = vmiso_cli("bench", "launch", "-n", "2", "--json", "--plot", str(plot), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for key in ("n", "phases_ms", "host_prep_ms", "to_userspace_s", "run_true_s", "launches"):
+        assert key in result, key
+    assert result["n"] == 2 and result["failures"] == 0
+    assert result["host_prep_ms"] > 0 and result["to_userspace_s"] > 0 and result["run_true_s"] > 0
+    assert result["to_userspace_s"] < result["run_true_s"]
+    assert all(ms >= 0 for phase, ms in result["phases_ms"].items() if phase not in ("console",))
+    for launch in result["launches"]:
+        assert launch["ok"]
+        stamps = [launch[mark] for mark in ORDER]
+        assert all(t > 0 for t in stamps)
+        assert stamps == sorted(stamps), launch  # userspace after createXML, and so on
+        assert launch["console"] <= launch["userspace"]
+    svg = plot.read_text()
+    assert svg.startswith("<svg") and svg.count("vmiso 1") == 1 and "vmiso 2" in svg
