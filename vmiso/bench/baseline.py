@@ -85,8 +85,9 @@ def _completion(stdout_path):
 
 
 def once(conn, workdir, base, boot, accel, command, mem_mib=256):
-    """One task the prototype's way (``boot``: kernel, initrd, cmdline); returns {mark: time.monotonic()} with "start" and MARKS
-    (console/userspace/task_start only when seen), and "ok"."""
+    """One task the prototype's way (``boot``: kernel, initrd, cmdline). Returns
+    {mark: time.monotonic()} with "start" and MARKS (console, userspace, task_start only when
+    seen), and "ok"."""
     name = uuid.uuid4().hex[:12]
     parent, directory = _task_dir(workdir, name)
     watcher = MarkWatcher(parent, name)

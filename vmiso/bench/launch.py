@@ -303,9 +303,11 @@ def report(result):
                      f"({result['n']} in {result['wall_s']:.1f} s)")
     if "baseline_s" in result:
         b_labels = {phase: label for _m, phase, label in BASELINE_MARKS}
-        lines.append(f"prototype path (baseline), same run{', FAILED ' + str(result['baseline_failures']) if result['baseline_failures'] else ''}")
+        failed = result["baseline_failures"]
+        lines.append(f"prototype path (baseline), same run{', ' + str(failed) + ' FAILED' if failed else ''}")
         for phase, ms in result["baseline_phases_ms"].items():
-            lines.append(f"  {b_labels.get(phase, phase):<44} {ms:>10.1f} {result['baseline_phases_p90_ms'][phase]:>10.1f}")
+            p90_ms = result["baseline_phases_p90_ms"][phase]
+            lines.append(f"  {b_labels.get(phase, phase):<44} {ms:>10.1f} {p90_ms:>10.1f}")
         lines.append(f"  end to end (start -> completion line):     {result['baseline_s']:8.3f} s    p90 "
                      f"{result['baseline_p90_s']:.3f} s")
         if "baseline_throughput_per_min" in result:

@@ -55,7 +55,8 @@ def render(result, width=1100):
         rows.append((f"vmiso {i + 1}", launch, VMISO_MARKS, False))
         if i < len(base):
             rows.append((f"prototype {i + 1}", base[i], BASELINE_MARKS, True))
-    rows += [(f"prototype {i + 1}", b, BASELINE_MARKS, True) for i, b in enumerate(base) if i >= len(result["launches"])]
+    extra = enumerate(base[len(result["launches"]):], start=len(result["launches"]))
+    rows += [(f"prototype {i + 1}", b, BASELINE_MARKS, True) for i, b in extra]
     limit_ms = max(max(v for k, v in r[1].items() if isinstance(v, float)) for r in rows)
     plot_w = width - LEFT - RIGHT
     x = lambda ms: LEFT + plot_w * ms / limit_ms  # noqa: E731
@@ -85,8 +86,9 @@ def render(result, width=1100):
                 used.append(key)
             w = max(x(end) - x(start), 0.0)
             opacity = ' fill-opacity="0.75"' if baseline else ""
-            out.append(f'<rect x="{x(start):.2f}" y="{y}" width="{w:.2f}" height="{BAR}" fill="{COLOURS.get(key, "#999")}"'
-                       f'{opacity}><title>{escape(label)}: {escape(name)} {end - start:.1f} ms '
+            fill = COLOURS.get(key, "#999")
+            out.append(f'<rect x="{x(start):.2f}" y="{y}" width="{w:.2f}" height="{BAR}" fill="{fill}"{opacity}>'
+                       f'<title>{escape(label)}: {escape(name)} {end - start:.1f} ms '
                        f'(ends at {end / 1000:.3f} s)</title></rect>')
         if not launch.get("ok", True):
             out.append(f'<text x="{LEFT + 4}" y="{y + BAR - 4}" fill="red">FAILED</text>')

@@ -45,6 +45,7 @@ APT_LISTS = "/var/lib/apt/lists"
 MODULES = (
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
     "virtio_blk", "failover", "net_failover", "virtio_net", "virtio_console", "cdrom", "isofs",
+    "virtio_balloon",  # lets Isolator.update() change guest memory live
 )
 ROOT_SIZE = 1 << 30  # virtual; the qcow2 holds only what is written
 # With a journal: it boots no slower than without (measured, TCG) and keeps an overlay that is
