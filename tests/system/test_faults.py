@@ -182,3 +182,26 @@ def test_libvirtd_dies_during_launch(iso, cid, monkeypatch):
     iso.launch(cid, TaskSpec(["true"]))  # the isolator healed: a new launch works
     assert iso.wait(cid, timeout=60).exit_code == 0
     iso.destroy(cid)
+
+
+def test_recover_racing_a_launch(iso, workdir, cid):
+    """Another isolator's recover() while a launch is under way never fails or cleans it."""
+    other = Isolator(workdir=workdir, agent_id=iso.agent_id)
+    reports, errors = [], []
+
+    def recover_repeatedly():
+        for _ in range(20):
+            try:
+                reports.append(other.recover())
+            except Exception as err:  # collected and asserted below
+                errors.append(err)
+
+    racer = threading.Thread(target=recover_repeatedly)
+    racer.start()
+    iso.launch(cid, TaskSpec.shell("exit 5"))
+    racer.join()
+    assert errors == []
+    assert not any(cid in r.corrupt or cid in r.orphans for r in reports)
+    assert iso.wait(cid, timeout=60).exit_code == 5
+    iso.destroy(cid)
+    other.host.close()

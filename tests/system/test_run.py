@@ -148,3 +148,14 @@ def test_virsh_sees_our_metadata(workdir, cid):
         assert "vmiso:instance" in xml and f"<vmiso:container>{cid}</vmiso:container>" in xml
     finally:
         assert vmiso_cli("rm", "--grace", "0", cid).returncode == 0
+
+
+def test_largest_argument_and_non_utf8_bytes_arrive_intact(workdir, cid):
+    big = "".join(chr(ord("a") + i % 26) for i in range(131071))  # the guest kernel's MAX_ARG_STRLEN
+    raw = os.fsdecode(b"\xff\xfe-\x80")  # not UTF-8: passed through as bytes
+    proc = vmiso_cli("run", "--name", cid, "--", "sh", "-c", 'printf %s "$1" | sha256sum; printf %s "$2"',
+                     "_", big, raw)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    digest, rest = proc.stdout.split(b"  -\n")
+    assert digest.decode() == hashlib.sha256(big.encode()).hexdigest()
+    assert rest == b"\xff\xfe-\x80"

@@ -47,8 +47,13 @@ def test_bad_commands(command):
 
 
 def test_huge_command_refused():
-    with pytest.raises(InvalidSpec):
-        TaskSpec(command=["x" * (9 * 1024 * 1024)])
+    with pytest.raises(InvalidSpec) as one:
+        TaskSpec(command=["sh", "-c", "x" * (1024 * 1024)])  # 1 MiB of script in one argument
+    assert one.value.field == "command[2]" and "file" in str(one.value)
+    with pytest.raises(InvalidSpec) as total:
+        TaskSpec(command=["x" * 100_000] * 30)
+    assert total.value.field == "command"
+    assert len(TaskSpec(command=["x" * 131071]).command[0]) == 131071  # the kernel's own limit
 
 
 @pytest.mark.parametrize("env", [{"1A": "x"}, {"A-B": "x"}, {"": "x"}, {"A=B": "x"}, {"A": 5}, {"A": "x\0"}])
