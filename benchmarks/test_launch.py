@@ -1,8 +1,9 @@
 """Launch latency on the real libvirtd and the micro guest: a vmiso launch of `true`, start to
 cleaned up, against the 2016 Mesos-prototype path (whole-disk copy of a 1 GiB image, genisoimage
 seed, persistent define + start, end = completion line polled on the console), same task, one
-pytest run. Each round's phases land in extra_info; `vmiso bench launch --baseline` alternates
-the two and breaks every phase down.
+pytest run. Both are timed whole, cleanup included (the prototype's destroy + undefine + delete
+too, which `vmiso bench launch` does not count for it). Each round's phases land in extra_info;
+`vmiso bench launch --baseline` alternates the two and breaks every phase down.
 
 Run as root with libvirtd up: `pytest benchmarks/test_launch.py --benchmark-only -m system`.
 """

@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev pkg-config
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs nftables iproute2
   cloud-init kmod lz4
+  slurm-wlm munge
 )
 
 if [ "$(id -u)" != 0 ]; then

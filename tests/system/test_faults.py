@@ -137,15 +137,28 @@ def test_planted_symlink_at_container_path_is_refused(iso, cid, tmp_path):
             os.unlink(os.path.join(iso.workdir.containers, cid))
 
 
+def libvirtd_answers():
+    return subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0
+
+
+def ensure_libvirtd(timeout=60):
+    """Start libvirtd if it is not running and wait until it really answers (a stale socket file
+    is no proof), so a test that killed it never leaves the next test without one."""
+    deadline = time.time() + timeout
+    while not libvirtd_answers():
+        assert time.time() < deadline, "libvirtd did not come back"
+        if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
+            subprocess.run(["libvirtd", "-d"])
+        time.sleep(0.2)
+
+
 def restart_libvirtd():
     subprocess.run(["pkill", "-x", "libvirtd"])
-    deadline = time.time() + 20
+    deadline = time.time() + 30
     while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
         assert time.time() < deadline
         time.sleep(0.1)
-    subprocess.run(["libvirtd", "-d"], check=True)
-    while not os.path.exists("/run/libvirt/libvirt-sock"):
-        time.sleep(0.05)
+    ensure_libvirtd()
 
 
 def test_libvirtd_restart_while_vm_runs(iso, cid):
@@ -170,10 +183,11 @@ def test_libvirtd_dies_during_launch(iso, cid, monkeypatch):
         with pytest.raises(LaunchFailed):
             iso.launch(cid, TaskSpec(["true"]))
     finally:
-        if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode:
-            subprocess.run(["libvirtd", "-d"], check=True)
-    while not os.path.exists("/run/libvirt/libvirt-sock"):
-        time.sleep(0.05)
+        deadline = time.time() + 30
+        while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
+            assert time.time() < deadline  # the SIGKILLed daemon is gone before we start one
+            time.sleep(0.1)
+        ensure_libvirtd()
     monkeypatch.undo()
     report = iso.recover()
     assert cid not in report.running

@@ -65,3 +65,16 @@ def test_parse_metadata_rejects_foreign_xml():
     assert domain.parse_metadata(None) is None
     assert domain.parse_metadata("<not xml") is None
     assert domain.parse_metadata("<other><agent>a1</agent></other>") is None
+
+
+def test_lean_platform_and_devices_on_the_root_bus():
+    """The boot-path policy: no PCIe root port per device (explicit root-bus slots, unique), no
+    HPET, no PMU, no VMware port."""
+    root = ET.fromstring(design().to_xml())
+    pci = [el.find("address") for el in root.find("devices") if el.find("address") is not None]
+    assert len(pci) == len(root.findall("devices/disk")) + (root.find("devices/memballoon").get("model") != "none")
+    assert {a.get("bus") for a in pci} == {"0x00"}
+    assert len({a.get("slot") for a in pci}) == len(pci)
+    assert root.find("clock/timer[@name='hpet']").get("present") == "no"
+    assert root.find("features/pmu").get("state") == "off" and root.find("features/vmport").get("state") == "off"
+    assert root.find("devices/controller[@model='pcie-root-port']") is None

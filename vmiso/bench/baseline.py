@@ -44,6 +44,9 @@ def base_image(workdir, micro, progress=lambda _line: None):
             run_command(["qemu-img", "resize", "-q", "-f", "raw", "--preallocation=full", tmp,
                          str(BASE_SIZE)], timeout=600)
         os.replace(tmp, path)
+        for name in os.listdir(cache):  # one gigabyte a micro build is enough: drop older ones
+            if name.startswith("prototype-") and name.endswith("-1g.raw") and name != os.path.basename(path):
+                os.unlink(os.path.join(cache, name))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,6 +1,5 @@
 """``vmiso bench launch``: launch latency phase by phase, against the Mesos-prototype baseline."""
 import json
-import sys
 
 
 def register_bench(bsub):
@@ -32,7 +31,7 @@ def launch(args):
 
     result = scenario.run(n=args.n, concurrency=args.concurrency, with_baseline=args.baseline,
                           command=args.command, workdir=args.workdir, mem_mib=args.mem,
-                          progress=sys.stderr.isatty() or not args.json)
+                          progress=True)
     if args.plot:
         from ..bench import plot
 

@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..errors import VmisoError
-from . import bench, containers, doctor, image, net, run, stats
+from . import bench, containers, doctor, gc, image, net, run, slurm, stats
 
 EXIT_VMISO_ERROR = 125
 
@@ -44,7 +44,7 @@ def build_parser():
     parser.add_argument("-v", "--verbose", action="store_true", help="log what vmiso does")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (run, containers, image, doctor, bench, net, stats):
+    for module in (run, containers, gc, image, doctor, bench, net, stats, slurm):
         module.register(sub)
     return parser
 

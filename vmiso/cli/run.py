@@ -7,12 +7,14 @@ import signal
 import sys
 import threading
 
+from .. import slurm
 from ..errors import InvalidSpec
 from ..spec import R_DESTROYED, R_GUEST_EXITED, R_TIMEOUT, Resources, TaskSpec
 
 EXIT_TIMEOUT = 124   # as GNU timeout
 EXIT_KILLED = 137    # as docker: 128 + SIGKILL
 EXIT_NO_STATUS = 125
+TERM_GRACE = 5.0     # SIGTERM (scancel): ACPI first, hard stop after this; well within Slurm's KillWait
 
 
 def register(sub):
@@ -25,8 +27,10 @@ def register(sub):
     p.add_argument("--image", default="micro", help="micro (default) or the path of a base image")
     p.add_argument("--format", choices=("qcow2", "raw"), help="the base image's format (default: qcow2; "
                                                              "raw must be declared)")
-    p.add_argument("--cpus", type=float, default=1.0, help="CPUs: vCPUs = ceil(N), fractions become a quota")
-    p.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest memory in MiB (default 256)")
+    p.add_argument("--cpus", type=float, help="CPUs: vCPUs = ceil(N), fractions become a quota "
+                                              "(default: the Slurm allocation's, else 1)")
+    p.add_argument("--mem", type=int, metavar="MiB", help="guest memory in MiB (default: the Slurm "
+                                                          "allocation's, else 256)")
     p.add_argument("--disk", type=float, metavar="GiB", help="root disk size in GiB (default: the image's)")
     p.add_argument("--timeout", type=float, metavar="S", help="kill the task after S seconds (exit 124)")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
@@ -35,7 +39,7 @@ def register(sub):
     p.add_argument("--network", metavar="BRIDGE[,vlan=N][,ip=A.B.C.D/NN][,isolated]",
                    help="a NIC on BRIDGE (also mac=MAC, inbound=/outbound=AVG[:PEAK[:BURST]] in KB/s); "
                         "the address is allocated from the bridge's subnet unless ip= is given")
-    p.add_argument("--name", help="container id (default: a random one)")
+    p.add_argument("--name", help="container id (default: slurm-<job>.<step> in a Slurm job, else a random one)")
     p.add_argument("-d", "--detach", action="store_true", help="print the container id and return at once")
     p.add_argument("--json", action="store_true", help="with -d: print the status as JSON")
     # REMAINDER: everything from CMD on belongs to the task, options included (as docker run).
@@ -57,7 +61,8 @@ def spec_from_args(args):
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise InvalidSpec("command", "missing: vmiso run [OPTIONS] [--] CMD [ARG...]")
-    resources = Resources(cpus=args.cpus, mem_mib=args.mem, disk_gib=args.disk)
+    cpus, mem_mib = slurm.size(args.cpus, args.mem, os.environ)
+    resources = Resources(cpus=cpus, mem_mib=mem_mib, disk_gib=args.disk)
     return TaskSpec(command=[os.fsencode(a) for a in cmd], env=parse_env(args.env), resources=resources,
                     image=args.image, image_format=args.format, timeout=args.timeout,
                     workdir=args.guest_workdir, network=_network(args))
@@ -86,12 +91,20 @@ def run(args):
 
     spec = spec_from_args(args)
     iso = isolator(args)
-    container_id = args.name or "run-" + secrets.token_hex(4)
-    status = iso.launch(container_id, spec)
-    if args.detach:
-        print(json.dumps(status.to_dict()) if args.json else container_id)
-        return 0
-    return _attach(iso, container_id)
+    container_id = args.name or slurm.container_id(
+        os.environ, lambda name: os.path.lexists(iso.workdir.container_dir(name))) or "run-" + secrets.token_hex(4)
+    # Before the launch: a vmiso killed by SIGKILL at any later point leaves a record that
+    # `vmiso gc` (the Slurm epilog) finds. -d runs are nobody's once this process returns.
+    record = slurm.hold_record(iso.workdir.root, container_id, os.environ)
+    try:
+        status = iso.launch(container_id, spec)
+        if args.detach:
+            print(json.dumps(status.to_dict()) if args.json else container_id)
+            return 0
+        return _attach(iso, container_id)
+    finally:
+        if record is not None:
+            record.release()
 
 
 def _attach(iso, container_id):
@@ -100,7 +113,8 @@ def _attach(iso, container_id):
 
     def on_signal(signum, _frame):
         received.append(signum)
-        threading.Thread(target=iso.kill, args=(container_id,), kwargs={"grace": 0}, daemon=True).start()
+        grace = TERM_GRACE if signum == signal.SIGTERM else 0
+        threading.Thread(target=iso.kill, args=(container_id,), kwargs={"grace": grace}, daemon=True).start()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
