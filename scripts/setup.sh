@@ -10,7 +10,7 @@ DEB_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev pkg-config
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs nftables iproute2
   cloud-init kmod lz4
-  slurm-wlm munge
+  slurm-wlm munge tini genisoimage
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -34,15 +34,7 @@ if [ -e /dev/kvm ]; then
 fi
 
 # Daemons: systemd where it runs, by hand otherwise (virtlogd first: createXML needs its socket).
-if [ -d /run/systemd/system ]; then
-  systemctl start virtlogd libvirtd
-else
-  pgrep -x virtlogd >/dev/null || { log "starting virtlogd"; virtlogd -d; }
-  pgrep -x libvirtd >/dev/null || { log "starting libvirtd"; libvirtd -d; }
-fi
-for _ in $(seq 1 100); do
-  [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1
-done
+bash scripts/daemons.sh
 
 # The venv with vmiso installed editable, extensions built. Re-run pip only when inputs changed.
 PY=${PYTHON:-python3}

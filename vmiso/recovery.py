@@ -77,11 +77,30 @@ def _busy(directory):
 
 
 def _remove_temp_files(directory):
-    """A crash between writing a checkpoint's temp file and renaming it leaves the temp file."""
+    """A crash between writing a checkpoint's temp file and renaming it leaves the temp file
+    (``checkpoint.json.<pid>.tmp``). Only a dead writer's is removed: a live one is mid-write."""
     try:
-        os.unlink(os.path.join(directory, CHECKPOINT + ".tmp"))
+        names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
-        pass
+        return
+    for name in names:
+        pid = name[len(CHECKPOINT) + 1:-len(".tmp")]
+        if name.startswith(CHECKPOINT + ".") and name.endswith(".tmp") and pid.isdigit() and \
+                not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _clean_unreadable(iso, container_id):

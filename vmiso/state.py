@@ -69,7 +69,8 @@ def write(directory, checkpoint, durable=True):
     skips both fsyncs: still atomic against a crash of the process (the page cache survives it),
     not against power loss, which no VM survives either (launch's LAUNCHING record, -7 ms)."""
     path = os.path.join(directory, CHECKPOINT)
-    tmp = path + ".tmp"
+    # The writer's pid in the name: recover() removes only the temp files of dead writers.
+    tmp = f"{path}.{os.getpid()}.tmp"
     data = checkpoint.to_json()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:

@@ -137,19 +137,11 @@ def test_planted_symlink_at_container_path_is_refused(iso, cid, tmp_path):
             os.unlink(os.path.join(iso.workdir.containers, cid))
 
 
-def libvirtd_answers():
-    return subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0
-
-
-def ensure_libvirtd(timeout=60):
-    """Start libvirtd if it is not running and wait until it really answers (a stale socket file
-    is no proof), so a test that killed it never leaves the next test without one."""
-    deadline = time.time() + timeout
-    while not libvirtd_answers():
-        assert time.time() < deadline, "libvirtd did not come back"
-        if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
-            subprocess.run(["libvirtd", "-d"])
-        time.sleep(0.2)
+def ensure_libvirtd():
+    """Start libvirtd the way `make setup` does and wait until it really answers, so a test that
+    killed it never leaves the next test without one."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "daemons.sh")
+    subprocess.run(["bash", script], check=True, timeout=90)
 
 
 def restart_libvirtd():

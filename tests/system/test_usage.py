@@ -70,6 +70,11 @@ def test_usage_of_a_spinning_vm_and_live_update(iso, cid):
         assert (tune["read_bytes_sec"], tune["write_iops_sec"]) == (str(10 << 20), "100")
         memstat = fields(virsh("dommemstat", f"vmiso-{cid}"))
         if "usable" in memstat or "unused" in memstat:  # the guest runs a balloon driver
+            # The guest inflates its balloon at its own pace: wait (bounded) for it to get there.
+            deadline = time.monotonic() + 30
+            while int(memstat["actual"]) != 200 * 1024 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                memstat = fields(virsh("dommemstat", f"vmiso-{cid}"))
             assert int(memstat["actual"]) == 200 * 1024
         time.sleep(1.5)
         assert iso.usage(cid).cpus_nr_throttled > 0  # a spinning guest at half a CPU is throttled

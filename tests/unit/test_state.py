@@ -14,7 +14,7 @@ def test_round_trip(tmp_path):
     cp = make(phase=state.RUNNING, deadline=12.5, termination={"state": "FINISHED"})
     state.write(tmp_path, cp)
     assert state.read(tmp_path) == cp
-    assert not (tmp_path / "checkpoint.json.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json"]  # no temp file left
     assert (tmp_path / "checkpoint.json").stat().st_mode & 0o777 == 0o600
 
 
