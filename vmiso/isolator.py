@@ -6,7 +6,6 @@ something has an undo, and a failed launch undoes what it did. The truth about a
 derived from its checkpoint, libvirt's live domains and the task channel, so any process (the
 agent after a restart, another ``vmiso`` command) sees the same thing.
 """
-import fcntl
 import logging
 import os
 import secrets
@@ -16,21 +15,14 @@ import uuid
 
 from . import faults, state
 from .accounting import live as accounting
+from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostname, hold_launch_lock
 from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, Timeout, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
 from .paths import CONSOLE_LOG, DEFAULT_WORKDIR, OVERLAY, SEED, STDERR, STDOUT, Workdir
 from .spec import (
-    FAILED,
-    FINISHED,
-    KILLED,
-    LOST,
     R_DESTROYED,
-    R_GUEST_EXITED,
-    R_LAUNCH_FAILED,
-    R_NO_EXIT_STATUS,
     R_TIMEOUT,
-    R_VM_CRASHED,
     ContainerStatus,
     TaskSpec,
     Termination,
@@ -43,32 +35,8 @@ from .virt.host import DEFAULT_URI, Host
 log = logging.getLogger(__name__)
 
 DOMAIN_PREFIX = "vmiso-"
-LAUNCH_LOCK = "launch.lock"  # held (flock) by the launching process; free once it finished or died
 RECONCILE_EVERY = 5.0  # events are hints: wait() re-checks libvirt this often
 EXIT_LINE_GRACE = 2.0  # seconds virtlogd may lag behind the stop event when writing the exit line
-
-
-class _Container:
-    """In-memory state of one container this process supervises."""
-
-    def __init__(self, container_id, directory, checkpoint):
-        self.id = container_id
-        self.dir = directory
-        self.checkpoint = checkpoint
-        self.cond = threading.Condition()
-        self.stop_detail = None       # how libvirt says the domain stopped ("shutdown", "failed", ...)
-        self.termination = None
-        self.timer = None
-        self.op = threading.Lock()   # serialises launch, kill and destroy of this container
-        self.timeline = {}           # step name -> time.monotonic() when it completed (this process)
-        self.removed = False         # set once destroy() (or a failed launch) removed it
-
-    @property
-    def domain(self):
-        return self.checkpoint.domain
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
 
 
 class Isolator:
@@ -112,7 +80,7 @@ class Isolator:
             except OSError as err:  # ENOSPC, EACCES...: nothing was made
                 raise LaunchFailed(container_id, "dir", err) from err
             try:
-                lock_fd = _hold_launch_lock(directory)
+                lock_fd = hold_launch_lock(directory)
             except OSError as err:
                 self.workdir.remove_container_dir(container_id)
                 raise LaunchFailed(container_id, "dir", err) from err
@@ -123,7 +91,7 @@ class Isolator:
                 deadline=time.time() + spec.timeout if spec.timeout else None,
             )
             checkpoint.extra["limits"] = accounting.limits_record(spec.resources)
-            c = _Container(container_id, directory, checkpoint)
+            c = Container(container_id, directory, checkpoint)
             c.timeline.update({"launch:start": started, "launch:image": resolved})
             c.op.acquire()  # a kill or destroy racing this launch waits until it is done
             self._containers[container_id] = c
@@ -143,7 +111,7 @@ class Isolator:
                 step = "network"  # address and MAC first: the seed carries them to the guest
                 network_config = self._plan_network(c, spec.network)
             step = "seed"
-            files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=_hostname(container_id),
+            files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=guest_hostname(container_id),
                                     argv=spec.command, env=spec.env, nonce=checkpoint.nonce,
                                     workdir=spec.workdir, network_config=network_config)
             seed.write_seed(c.path(SEED), files)
@@ -262,7 +230,7 @@ class Isolator:
             # A guest that powered itself off has normally reported: wait a moment for virtlogd.
             grace = EXIT_LINE_GRACE if c.stop_detail == "shutdown" else 0
             exit_code = channel.wait_for_exit_code(c.path(STDOUT), c.checkpoint.nonce, grace)
-            termination = _termination(c.checkpoint, c.stop_detail, exit_code)
+            termination = decide_termination(c.checkpoint, c.stop_detail, exit_code)
             c.checkpoint.phase = state.TERMINATED
             c.checkpoint.termination = termination.to_dict()
             try:
@@ -474,98 +442,11 @@ class Isolator:
                 return c
             if allow_ended and container_id in self._ended:
                 return self._ended[container_id]
-            c = self._adopt(container_id)
+            from .recovery import adopt
+
+            c = adopt(self, container_id)
             self._containers[container_id] = c
         if c.termination is None:
             self._reconcile(c)
             self._arm_timer(c)
         return c
-
-    def _adopt(self, container_id):
-        """Load a container from its checkpoint and bring it under supervision."""
-        directory = str(self.workdir.container_dir(container_id))
-        try:
-            checkpoint = state.read(directory)
-        except state.CheckpointError as err:
-            if os.path.islink(directory) or not os.path.isdir(directory):
-                raise NotFound("container", container_id) from err  # a planted link is no container
-            raise
-        c = _Container(container_id, directory, checkpoint)
-        if checkpoint.termination is not None:
-            c.termination = Termination.from_dict(checkpoint.termination)
-            return c
-        if checkpoint.phase == state.LAUNCHING and _launch_in_progress(directory):
-            raise state.CheckpointError(f"container {container_id} is being launched by another process")
-        dom = None
-        if checkpoint.boot_id == state.boot_id():  # after a reboot no domain of ours can be alive
-            dom = self.host.lookup(checkpoint.domain)
-            if dom is not None and not self._owns(dom, checkpoint):
-                dom = None  # somebody else's domain under our name: never touch it
-        if checkpoint.phase == state.LAUNCHING:
-            # An interrupted launch is failed and cleaned, never resumed.
-            if dom is not None:
-                self.host.destroy(dom)
-            checkpoint.kill_reason = R_LAUNCH_FAILED
-            self._conclude(c)
-            return c
-        if dom is None:
-            self._conclude(c)
-            return c
-        self.host.watch(checkpoint.domain, lambda event, detail: self._on_lifecycle(c, event, detail))
-        if checkpoint.phase == state.DESTROYING:
-            # An interrupted kill or destroy is finished, not forgotten.
-            self.host.destroy(dom)
-        return c
-
-    def _owns(self, dom, checkpoint):
-        record = domain.parse_metadata(self.host.metadata(dom, domain.METADATA_NS))
-        return bool(record) and record.get("agent") == self.agent_id and \
-            record.get("container") == checkpoint.container_id
-
-
-def _hold_launch_lock(directory):
-    fd = os.open(os.path.join(directory, LAUNCH_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def _launch_in_progress(directory):
-    """True while a live process holds the container's launch lock."""
-    try:
-        fd = os.open(os.path.join(directory, LAUNCH_LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _hostname(container_id):
-    """A DNS-label hostname for the guest (ids may hold '.' and '_', labels may not)."""
-    label = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in container_id)[:63].strip("-")
-    return label or "vmiso"
-
-
-def _termination(checkpoint, stop_detail, exit_code):
-    """How a task ended, from what the guest reported, who stopped it and libvirt's detail."""
-    if exit_code is not None:
-        return Termination(FINISHED if exit_code == 0 else FAILED, R_GUEST_EXITED, exit_code,
-                           f"the task exited with status {exit_code}")
-    kill_reason = checkpoint.kill_reason
-    if kill_reason == R_TIMEOUT:
-        return Termination(FAILED, R_TIMEOUT, None, "the task ran past its timeout and was killed")
-    if kill_reason == R_DESTROYED:
-        return Termination(KILLED, R_DESTROYED, None, "the task was killed")
-    if kill_reason == R_LAUNCH_FAILED:
-        return Termination(FAILED, R_LAUNCH_FAILED, None, "the launch was interrupted")
-    if stop_detail == "shutdown":
-        return Termination(FAILED, R_NO_EXIT_STATUS, None, "the guest powered off without reporting an exit status")
-    if stop_detail in ("crashed", "failed"):
-        return Termination(FAILED, R_VM_CRASHED, None, "the VM crashed (QEMU ended unexpectedly)")
-    if stop_detail == "destroyed":
-        return Termination(FAILED, R_VM_CRASHED, None, "the VM was destroyed outside vmiso")
-    return Termination(LOST, R_VM_CRASHED, None, "the VM ended while nobody watched, without an exit status")

@@ -10,8 +10,10 @@ import os
 from dataclasses import dataclass, field
 
 from . import state
+from .container import Container, launch_in_progress
 from .errors import NotFound, VmisoError
 from .paths import CHECKPOINT
+from .spec import R_LAUNCH_FAILED, Termination
 from .virt import domain as domain_xml
 
 log = logging.getLogger(__name__)
@@ -71,9 +73,7 @@ def _recover_one(iso, container_id, strict, report):
 
 
 def _busy(directory):
-    from .isolator import _launch_in_progress
-
-    return _launch_in_progress(directory)
+    return launch_in_progress(directory)
 
 
 def _remove_temp_files(directory):
@@ -151,3 +151,46 @@ def _release_stray_leases(iso, report):
             report.leases.append(container_id)
         except VmisoError as err:
             log.warning("releasing the network of vanished container %s: %s", container_id, err)
+
+
+def adopt(iso, container_id):
+    """Load a container from its checkpoint and bring it under supervision."""
+    directory = str(iso.workdir.container_dir(container_id))
+    try:
+        checkpoint = state.read(directory)
+    except state.CheckpointError as err:
+        if os.path.islink(directory) or not os.path.isdir(directory):
+            raise NotFound("container", container_id) from err  # a planted link is no container
+        raise
+    c = Container(container_id, directory, checkpoint)
+    if checkpoint.termination is not None:
+        c.termination = Termination.from_dict(checkpoint.termination)
+        return c
+    if checkpoint.phase == state.LAUNCHING and launch_in_progress(directory):
+        raise state.CheckpointError(f"container {container_id} is being launched by another process")
+    dom = None
+    if checkpoint.boot_id == state.boot_id():  # after a reboot no domain of ours can be alive
+        dom = iso.host.lookup(checkpoint.domain)
+        if dom is not None and not _owns(iso, dom, checkpoint):
+            dom = None  # somebody else's domain under our name: never touch it
+    if checkpoint.phase == state.LAUNCHING:
+        # An interrupted launch is failed and cleaned, never resumed.
+        if dom is not None:
+            iso.host.destroy(dom)
+        checkpoint.kill_reason = R_LAUNCH_FAILED
+        iso._conclude(c)
+        return c
+    if dom is None:
+        iso._conclude(c)
+        return c
+    iso.host.watch(checkpoint.domain, lambda event, detail: iso._on_lifecycle(c, event, detail))
+    if checkpoint.phase == state.DESTROYING:
+        # An interrupted kill or destroy is finished, not forgotten.
+        iso.host.destroy(dom)
+    return c
+
+
+def _owns(iso, dom, checkpoint):
+    record = domain_xml.parse_metadata(iso.host.metadata(dom, domain_xml.METADATA_NS))
+    return bool(record) and record.get("agent") == iso.agent_id and \
+        record.get("container") == checkpoint.container_id

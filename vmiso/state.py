@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from . import files
 from .errors import VmisoError
 from .paths import CHECKPOINT
 
@@ -74,9 +75,7 @@ def write(directory, checkpoint, durable=True):
     data = checkpoint.to_json()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        files.write_all(fd, data)
         if durable:
             os.fsync(fd)
     except BaseException:
@@ -85,13 +84,8 @@ def write(directory, checkpoint, durable=True):
         raise
     os.close(fd)
     os.rename(tmp, path)
-    if not durable:
-        return
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if durable:
+        files.fsync_dir(directory)
 
 
 def read(directory):

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from vmiso import state
+from vmiso import files, state
 from vmiso._proc import run
 from vmiso.errors import ImageError, InUse, InvalidSpec, NotFound, UnsafeImage
-from vmiso.image import files, inuse, qcow2, store
+from vmiso.image import inuse, qcow2, store
 from vmiso.image.resolve import resolve
 from vmiso.paths import OVERLAY, Workdir
 

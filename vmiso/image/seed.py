@@ -22,6 +22,7 @@ import os
 from importlib import resources
 
 from ..errors import ImageError
+from ..files import write_all
 
 GUEST_DIR = "/run/vmiso"  # where cloud-init writes the task files on a stock image
 WRAPPER_NAME = "task.sh"
@@ -132,9 +133,7 @@ def write_seed(path, files):
     except OSError as err:
         raise ImageError(path, f"cannot create seed ISO: {err.strerror}") from err
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
     except OSError as err:
         os.close(fd)
         os.unlink(path)

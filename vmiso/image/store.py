@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .. import files
 from ..errors import ImageError, InUse, InvalidSpec, NotFound, UnsafeImage
 from ..paths import Workdir
-from . import files, inuse, qcow2
+from . import inuse, qcow2
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 SHA_RE = re.compile(r"[0-9a-f]{64}")

@@ -1,4 +1,4 @@
-"""Small crash-safe file operations for the image store: atomic replace, locks, removal.
+"""Small crash-safe file operations (state, seed, image store): atomic replace, locks, removal.
 
 Each leaves either the old state or the new one after a crash, never half of one.
 """

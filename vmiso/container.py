@@ -1,0 +1,92 @@
+"""One container as a process supervises it: its in-memory state, its launch lock, and the rule
+that turns how its VM stopped into a Termination (pure, so it is the same in every process)."""
+import fcntl
+import os
+import threading
+
+from .spec import (
+    FAILED,
+    FINISHED,
+    KILLED,
+    LOST,
+    R_DESTROYED,
+    R_GUEST_EXITED,
+    R_LAUNCH_FAILED,
+    R_NO_EXIT_STATUS,
+    R_TIMEOUT,
+    R_VM_CRASHED,
+    Termination,
+)
+
+LAUNCH_LOCK = "launch.lock"  # held (flock) by the launching process; free once it finished or died
+
+
+class Container:
+    """In-memory state of one container this process supervises."""
+
+    def __init__(self, container_id, directory, checkpoint):
+        self.id = container_id
+        self.dir = directory
+        self.checkpoint = checkpoint
+        self.cond = threading.Condition()
+        self.stop_detail = None       # how libvirt says the domain stopped ("shutdown", "failed", ...)
+        self.termination = None
+        self.timer = None
+        self.op = threading.Lock()   # serialises launch, kill and destroy of this container
+        self.timeline = {}           # step name -> time.monotonic() when it completed (this process)
+        self.removed = False         # set once destroy() (or a failed launch) removed it
+
+    @property
+    def domain(self):
+        return self.checkpoint.domain
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+def hold_launch_lock(directory):
+    fd = os.open(os.path.join(directory, LAUNCH_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def launch_in_progress(directory):
+    """True while a live process holds the container's launch lock."""
+    try:
+        fd = os.open(os.path.join(directory, LAUNCH_LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def guest_hostname(container_id):
+    """A DNS-label hostname for the guest (ids may hold '.' and '_', labels may not)."""
+    label = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in container_id)[:63].strip("-")
+    return label or "vmiso"
+
+
+def decide_termination(checkpoint, stop_detail, exit_code):
+    """How a task ended, from what the guest reported, who stopped it and libvirt's detail."""
+    if exit_code is not None:
+        return Termination(FINISHED if exit_code == 0 else FAILED, R_GUEST_EXITED, exit_code,
+                           f"the task exited with status {exit_code}")
+    kill_reason = checkpoint.kill_reason
+    if kill_reason == R_TIMEOUT:
+        return Termination(FAILED, R_TIMEOUT, None, "the task ran past its timeout and was killed")
+    if kill_reason == R_DESTROYED:
+        return Termination(KILLED, R_DESTROYED, None, "the task was killed")
+    if kill_reason == R_LAUNCH_FAILED:
+        return Termination(FAILED, R_LAUNCH_FAILED, None, "the launch was interrupted")
+    if stop_detail == "shutdown":
+        return Termination(FAILED, R_NO_EXIT_STATUS, None, "the guest powered off without reporting an exit status")
+    if stop_detail in ("crashed", "failed"):
+        return Termination(FAILED, R_VM_CRASHED, None, "the VM crashed (QEMU ended unexpectedly)")
+    if stop_detail == "destroyed":
+        return Termination(FAILED, R_VM_CRASHED, None, "the VM was destroyed outside vmiso")
+    return Termination(LOST, R_VM_CRASHED, None, "the VM ended while nobody watched, without an exit status")
