@@ -120,8 +120,11 @@ def _attach(iso, container_id):
     try:
         streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
         for name, data in iso.output(container_id):
-            streams[name].write(data)
-            streams[name].flush()
+            try:
+                streams[name].write(data)
+                streams[name].flush()
+            except BrokenPipeError:  # `vmiso run ... | head`: the task runs on, its output is dropped
+                streams[name] = open(os.devnull, "wb")  # noqa: SIM115 (lives as long as the run)
         termination = iso.wait(container_id)
     finally:
         for s, handler in previous.items():
