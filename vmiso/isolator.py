@@ -192,6 +192,11 @@ class Isolator:
 
     def _undo_launch(self, c):
         """Remove whatever a failed launch made: the domain, then the files, then the record."""
+        # Stop listening first: the domain's stop event would otherwise conclude (and write a
+        # checkpoint into) the directory while it is being removed.
+        self.host.unwatch(c.domain)
+        with c.cond:
+            c.removed = True
         try:
             dom = self.host.lookup(c.domain)
             if dom is not None:
@@ -199,9 +204,7 @@ class Isolator:
         except VmisoError as err:
             log.warning("undoing launch of %s: %s", c.id, err)
         self._release_network(c)
-        self.host.unwatch(c.domain)
         self.workdir.remove_container_dir(c.id)
-        c.removed = True
         with self._lock:
             self._containers.pop(c.id, None)
 
@@ -216,8 +219,8 @@ class Isolator:
     def _conclude(self, c):
         """The domain is gone: decide how the task ended, record it, free the VM's disk."""
         with c.cond:
-            if c.termination is not None:
-                return c.termination
+            if c.termination is not None or c.removed:
+                return c.termination  # concluded already, or a failed launch being undone
             c.timeline["vm:stopped"] = time.monotonic()
             try:
                 on_disk = state.read(c.dir)  # another process may have asked for a kill or destroy

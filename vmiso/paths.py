@@ -6,11 +6,13 @@
 
 Paths come only from validated container ids; nothing here follows a symlink.
 """
+import errno
 import grp
 import os
 import pwd
 import shutil
 import stat
+import time
 from pathlib import Path
 
 from .errors import HostError
@@ -97,7 +99,15 @@ class Workdir:
                 return
         except FileNotFoundError:
             return
-        shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
+        for attempt in range(5):
+            try:
+                shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
+                return
+            except OSError as err:
+                # virtlogd may still be flushing a stopped VM's last output into a new file.
+                if err.errno != errno.ENOTEMPTY or attempt == 4:
+                    raise
+                time.sleep(0.05)
 
     def container_ids(self):
         try:

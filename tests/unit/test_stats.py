@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vmiso import _fast
@@ -184,6 +184,10 @@ CONTENT = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=CONTENT, kind=st.sampled_from(["K_INT", "K_CPU_KV", "K_MEM_KV", "K_PROC_STAT", "K_CPU_MAX", "K_ONCE"]),
        net=st.binary(max_size=300))
+# Found by this test once: 2**64 wrapped to 0 in the Cython parser while the twin refused it.
+@example(data=b"total_rss 18446744073709551616", kind="K_MEM_KV", net=b"")
+@example(data=b"18446744073709551616\n", kind="K_INT", net=b"")
+@example(data=b"99999999999999999999\n", kind="K_INT", net=b"")
 def test_same_results_on_any_contents(data, kind, net, tmp_path):
     path, dev = tmp_path / "file", tmp_path / "dev"
     path.write_bytes(data)
@@ -202,3 +206,4 @@ def test_same_results_on_any_contents(data, kind, net, tmp_path):
         vm.close()
         outcomes.append((list(out), [(i, str(e), e.errno) for i, e in errors]))
     assert outcomes[0] == outcomes[1]
+

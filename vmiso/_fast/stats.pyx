@@ -106,9 +106,11 @@ cdef int parse_int(const char *p, Py_ssize_t n, int64_t *out) noexcept nogil:
     for k in range(i, j):
         if p[k] < 48 or p[k] > 57:
             return -1
-        value = value * 10 + <unsigned long long>(p[k] - 48)
-        if value > <unsigned long long>C_UNLIMITED:
+        # Checked before the multiplication: 20 digits can wrap an unsigned 64-bit value (2**64
+        # became 0 and passed), and the twin refuses anything beyond int64 as malformed.
+        if value > (<unsigned long long>C_UNLIMITED - <unsigned long long>(p[k] - 48)) // 10:
             return -1
+        value = value * 10 + <unsigned long long>(p[k] - 48)
     out[0] = -<int64_t>value if negative else <int64_t>value
     return 0
 
