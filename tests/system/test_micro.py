@@ -32,7 +32,7 @@ class Boot:
 
     def exit_code(self):
         """The code from the trailing exit line, which must be the channel's last bytes."""
-        head, sep, tail = self.stdout.rpartition(f"\nVMISO-{self.nonce} EXIT ".encode())
+        head, sep, tail = self.stdout.rpartition(f"VMISO-{self.nonce} EXIT ".encode())
         assert sep, f"no exit line in {self.stdout!r}; console: {self.console[-2000:]!r}"
         assert tail.endswith(b"\n") and tail[:-1].isdigit(), tail
         return int(tail[:-1])
@@ -40,7 +40,7 @@ class Boot:
     def task_stdout(self):
         """The task's own stdout: the channel without the exit line."""
         self.exit_code()
-        return self.stdout.rpartition(f"\nVMISO-{self.nonce} EXIT ".encode())[0]
+        return self.stdout.rpartition(f"VMISO-{self.nonce} EXIT ".encode())[0]
 
 
 @pytest.fixture(scope="module")

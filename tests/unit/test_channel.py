@@ -22,7 +22,8 @@ NONCE = "0123456789abcdef"
     (channel.exit_line("ffff", 3), None),                     # someone else's nonce
     (channel.exit_line(NONCE, 3) + b"more", None),            # not the last bytes
     (channel.exit_line(NONCE, 3)[:-1], None),                 # truncated
-    (b"VMISO-" + NONCE.encode() + b" EXIT 3\n", None),        # no leading newline
+    (b"VMISO-" + NONCE.encode() + b" EXIT 3\n", 3),           # right after output without a newline
+    (b"XVMISO-" + NONCE.encode() + b" EXIT 3", None),         # no final newline
     (b"", None),
 ])
 def test_read_exit_code(tmp_path, tail, expected):
@@ -67,9 +68,10 @@ def test_filter_passes_output_without_exit_line_unchanged(payload, seed):
 
 def test_filter_holds_back_only_a_possible_prefix():
     f = channel.ExitLineFilter(NONCE)
-    assert f.feed(b"hello\n") == b"hello"     # the "\n" may start the exit line
-    assert f.feed(b"world") == b"\nworld"     # it did not
-    assert f.feed(b"\nVMISO-") == b""
+    assert f.feed(b"hello\n") == b"hello\n"  # a finished line is never held back
+    assert f.feed(b"wor VM") == b"wor "        # "VM" may start the exit line
+    assert f.feed(b"S") == b"VMS"             # it did not
+    assert f.feed(b"VMISO-") == b""
     assert f.feed(NONCE.encode() + b" EXIT 4\n") == b""
     assert f.close() == b"" and f.exit_code == 4
 

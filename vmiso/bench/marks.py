@@ -17,7 +17,7 @@ from ..virt import channel
 IN_MODIFY, IN_CLOSE_WRITE, IN_CREATE = 0x2, 0x8, 0x100
 USERSPACE = b"VMISO-USERSPACE"    # micro's init reached userspace (vmiso/image/guest/micro-init)
 TASK_START = b"VMISO-TASK-START"  # the wrapper is about to run the command (guest/task.sh)
-EXIT_LINE = re.compile(rb"\nVMISO-[0-9a-f]+ EXIT [0-9]{1,3}\n")
+EXIT_LINE = re.compile(rb"VMISO-[0-9a-f]+ EXIT [0-9]{1,3}\n")
 WAIT_LIMIT_S = 600.0
 MAX_KEEP = 1 << 20                # the last bytes of a file kept for the marker search
 

@@ -1,7 +1,7 @@
 """The host side of the guest protocol: the task channel's exit line and output streaming.
 
 The guest wrapper writes the task's stdout to the second serial port and its stderr to the third
-(files on the host, written by QEMU), then ``\\nVMISO-<nonce> EXIT <code>\\n`` as the very last
+(files on the host, written by QEMU), then ``VMISO-<nonce> EXIT <code>\\n`` as the very last
 bytes of the stdout channel. Everything here treats those files as hostile input: the exit line
 counts only when it carries this launch's nonce and ends the file, and reads are bounded.
 """
@@ -12,11 +12,13 @@ import re
 import select
 import time
 
-MARKER_TAIL_BYTES = 256  # enough for "\nVMISO-<64 hex> EXIT <code>\n"
+MARKER_TAIL_BYTES = 256  # enough for "VMISO-<64 hex> EXIT <code>\n"
 
 
 def marker_prefix(nonce):
-    return b"\nVMISO-" + nonce.encode("ascii") + b" EXIT "
+    # No leading newline: the nonce alone makes the marker unambiguous, so output bytes are
+    # never held back just because they end a line (a streamed "hello\n" shows at once).
+    return b"VMISO-" + nonce.encode("ascii") + b" EXIT "
 
 
 def _exit_re(nonce):

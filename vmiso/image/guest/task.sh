@@ -3,7 +3,7 @@
 # Usage: task.sh DIR. DIR holds the task as data, never as shell text: argv and env are files of
 # base64 lines (one argument / one NAME=VALUE each), nonce is this launch's random marker.
 # The task's stdout goes to the task channel (/dev/ttyS1), its stderr to /dev/ttyS2; the last
-# thing written to the task channel is "\nVMISO-<nonce> EXIT <code>\n"; then the VM powers off.
+# thing written to the task channel is "VMISO-<nonce> EXIT <code>\n"; then the VM powers off.
 d=${1:?usage: task.sh DIR}
 out=/dev/ttyS1
 err=/dev/ttyS2
@@ -28,7 +28,7 @@ if cd "$workdir" 2>"$err"; then
 else
   code=126
 fi
-printf '\nVMISO-%s EXIT %d\n' "$nonce" "$code" >"$out"
+printf 'VMISO-%s EXIT %d\n' "$nonce" "$code" >"$out"
 # stty applies its settings with TCSADRAIN: it returns once both ports have sent every byte.
 stty -F "$out" raw 2>/dev/null
 stty -F "$err" raw 2>/dev/null
