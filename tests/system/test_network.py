@@ -85,19 +85,25 @@ def test_ping_by_assigned_address_and_spoofing_is_dropped(iso, cid, lan):
 
 
 def test_isolated_ports_reach_the_bridge_side_but_not_each_other(iso, cid, lan):
+    """Isolated guests reach the bridge's own address and a non-isolated port, never each other.
+    The bridge address exists only on this throwaway bridge (no route, no uplink, removed after)."""
     bridge, prefix, _ = lan
+    bridge_address = f"{prefix}254"
+    subprocess.run(["ip", "addr", "add", f"{bridge_address}/24", "dev", bridge], check=True)
     b = _launch(iso, cid + "b", "sleep 120", bridge, isolated=True)
     b_ip = b.ip.split("/")[0]
     script = (f"set -- {prefix}1; {WAIT_FOR}"
               f"ping -c 1 -W 2 {prefix}1 >/dev/null && echo reach-peer; "
-              f"ping -c 3 -W 2 {b_ip} >/dev/null && echo reach-b; echo done")
+              f"ping -c 1 -W 2 {bridge_address} >/dev/null && echo reach-bridge; "
+              f"ping -c 3 -W 2 {b_ip} >/dev/null && echo reach-guest-b; echo done")
     _launch(iso, cid, script, bridge, isolated=True)
     try:
         out = _output_until(iso, cid, "done", timeout=80)
-        assert "reach-peer" in out and "reach-b" not in out and "done" in out, out
+        assert out.split() == ["reach-peer", "reach-bridge", "done"], out
     finally:
         iso.destroy(cid, grace=0)
         iso.destroy(cid + "b", grace=0)
+        subprocess.run(["ip", "addr", "del", f"{bridge_address}/24", "dev", bridge], capture_output=True)
 
 
 RECEIVER = """
