@@ -23,14 +23,49 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def write_atomic(path, data, mode):
-    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, dir fsync."""
+def temp_name(path):
+    """The temp file beside ``path`` a writer uses: ``.<name>.<pid>.<random>`` (the pid tells a
+    crashed writer's leftover from a live writer's file, see ``dead_writers_temp_files``)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"
+    return path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"
+
+
+def dead_writers_temp_files(directory, name):
+    """Temp files of ``name`` in ``directory`` whose writer process no longer exists."""
+    prefix = f".{name}."
+    try:
+        entries = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for entry in entries:
+        pid, _, rand = entry[len(prefix):].partition(".")
+        if entry.startswith(prefix) and pid.isdigit() and rand and not _alive(int(pid)):
+            found.append(os.path.join(directory, entry))
+    return found
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def write_atomic(path, data, mode, durable=True):
+    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, dir fsync.
+    ``durable=False`` skips both fsyncs: still atomic against a crash of the process (the page
+    cache survives it), not against power loss."""
+    path = Path(path)
+    tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.fchmod(fd, mode)
     except BaseException:
         os.close(fd)
@@ -38,7 +73,8 @@ def write_atomic(path, data, mode):
         raise
     os.close(fd)
     os.rename(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def stamp(st):

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from . import state
+from . import files, state
 from .container import Container, launch_in_progress
 from .errors import NotFound, VmisoError
 from .paths import CHECKPOINT
@@ -77,30 +77,13 @@ def _busy(directory):
 
 
 def _remove_temp_files(directory):
-    """A crash between writing a checkpoint's temp file and renaming it leaves the temp file
-    (``checkpoint.json.<pid>.tmp``). Only a dead writer's is removed: a live one is mid-write."""
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for name in names:
-        pid = name[len(CHECKPOINT) + 1:-len(".tmp")]
-        if name.startswith(CHECKPOINT + ".") and name.endswith(".tmp") and pid.isdigit() and \
-                not _alive(int(pid)):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """A crash between writing a checkpoint's temp file and renaming it leaves the temp file.
+    Only a dead writer's is removed: a live one may be mid-write."""
+    for path in files.dead_writers_temp_files(directory, CHECKPOINT):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _clean_unreadable(iso, container_id):

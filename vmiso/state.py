@@ -67,25 +67,9 @@ class Checkpoint:
 
 def write(directory, checkpoint, durable=True):
     """Atomically replace ``directory``/checkpoint.json with ``checkpoint``. ``durable=False``
-    skips both fsyncs: still atomic against a crash of the process (the page cache survives it),
-    not against power loss, which no VM survives either (launch's LAUNCHING record, -7 ms)."""
-    path = os.path.join(directory, CHECKPOINT)
-    # The writer's pid in the name: recover() removes only the temp files of dead writers.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    data = checkpoint.to_json()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        files.write_all(fd, data)
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
-    if durable:
-        files.fsync_dir(directory)
+    skips the fsyncs: no VM survives the power loss it would guard against (launch's LAUNCHING
+    record, -7 ms). recover() removes the temp files of writers that died."""
+    files.write_atomic(os.path.join(directory, CHECKPOINT), checkpoint.to_json(), 0o600, durable=durable)
 
 
 def read(directory):
