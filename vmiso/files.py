@@ -87,14 +87,19 @@ def stamp(st):
 
 
 @contextlib.contextmanager
-def locked(directory):
-    """Hold the exclusive lock of ``directory`` (its file ``.lock``)."""
-    fd = os.open(Path(directory) / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def flocked(lock_path, shared=False):
+    """Hold an flock on the file ``lock_path`` (made if missing, never through a symlink)."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def locked(directory):
+    """Hold the exclusive lock of ``directory`` (its file ``.lock``)."""
+    return flocked(Path(directory) / ".lock")
 
 
 def _files(path):

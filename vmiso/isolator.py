@@ -104,7 +104,8 @@ class Isolator:
             state.write(directory, checkpoint, durable=False)
             self._step(c, "launch:checkpoint")
             step = "overlay"
-            qcow2.create_overlay(c.path(OVERLAY), image.base, image.base_format, size=size)
+            qcow2.create_overlay_on_verified(c.path(OVERLAY), image.base, image.base_format,
+                                             size or image.virtual_size)
             self._step(c, "launch:overlay")
             network_config = None
             if spec.network is not None:

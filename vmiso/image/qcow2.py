@@ -181,3 +181,10 @@ def create_overlay(path, backing, backing_format="qcow2", size=None, cluster_bit
     elif size < base.virtual_size:
         raise ImageError(path, f"size {size} is smaller than the base's {base.virtual_size} bytes")
     _fast.load("qcow2").write_overlay(path, size, name, backing_format.encode(), cluster_bits)
+
+
+def create_overlay_on_verified(path, backing, backing_format, size, cluster_bits=16):
+    """The launch path's writer: ``backing`` was verified (``verify_base``, at resolve time) and
+    ``size`` compared with its virtual size already, so its header is not read a second time."""
+    _fast.load("qcow2").write_overlay(os.fspath(path), size, os.fsencode(os.fspath(backing)),
+                                      backing_format.encode(), cluster_bits)

@@ -18,14 +18,12 @@ Every change is one ``nft -f -`` transaction (all of it or nothing), made under 
 flock so two processes never interleave their read-then-write. The table is deleted with its
 last port, so a host without guests has no trace of vmiso in its ruleset.
 """
-import contextlib
-import fcntl
 import ipaddress
 import json
-import os
 
 from .._proc import run
 from ..errors import CommandFailed, NetworkError
+from ..files import flocked
 from . import addr
 
 FAMILY = "bridge"
@@ -56,16 +54,6 @@ def port_rules(mac, ip):
         "udp sport { 67, 547 } counter drop",  # DHCP and DHCPv6 server replies
         "icmpv6 type { nd-router-advert, nd-redirect } counter drop",
     ]
-
-
-@contextlib.contextmanager
-def _locked():
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _nft(script):
@@ -112,7 +100,7 @@ def protect(tap, mac, ip):
     chain = port_chain(tap)
     t = f"{FAMILY} {TABLE}"
     rules = "".join(f"add rule {t} {chain} {rule}\n" for rule in port_rules(mac, ip))
-    with _locked():
+    with flocked(LOCK_PATH):
         script = "" if _table() is not None else _base_script()
         script += (f"add chain {t} {chain}\n"
                    f"flush chain {t} {chain}\n"
@@ -125,7 +113,7 @@ def unprotect(tap):
     """Remove ``tap``'s chain and map entry (and the table with its last port). Idempotent."""
     chain = port_chain(tap)
     t = f"{FAMILY} {TABLE}"
-    with _locked():
+    with flocked(LOCK_PATH):
         objects = _table()
         if objects is None:
             return False

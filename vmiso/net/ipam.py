@@ -13,12 +13,12 @@ A lease is keyed by its container id: releasing by id is idempotent, and whateve
 launch allocated is found again by the id alone.
 """
 import contextlib
-import fcntl
 import ipaddress
 import json
 import os
 
 from ..errors import AlreadyExists, InvalidSpec, NetworkError, NotFound
+from ..files import flocked, write_atomic
 from . import addr
 
 VERSION = 1
@@ -37,15 +37,11 @@ class Store:
     @contextlib.contextmanager
     def _locked(self, write):
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+        with flocked(os.path.join(self.dir, LOCK), shared=not write):
             data = self._read()
             yield data
             if write:
                 self._write(data)
-        finally:
-            os.close(fd)
 
     def _read(self):
         try:
@@ -63,15 +59,8 @@ class Store:
         return data
 
     def _write(self, data):
-        tmp = self.path + ".tmp"
-        payload = json.dumps(data, sort_keys=True, indent=1).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
+        # The shared atomic write: a short os.write or a crash can no longer leave half a store.
+        write_atomic(self.path, json.dumps(data, sort_keys=True, indent=1).encode() + b"\n", 0o600)
 
     # --- plans ----------------------------------------------------------------------------------
     def set_plan(self, bridge, *, subnet=None, gateway=None, isolated_ports=None):
