@@ -25,13 +25,13 @@ def trees(request):
 
 def _reader(benchmark, module, trees, n):
     targets, proc = trees[n]
-    call, close = bench.batch_reader(module, targets, proc)
+    reader = bench.batch_reader(module, targets, proc)
     try:
         benchmark.group = f"usage {n} VMs"
         benchmark.extra_info["vms"] = n
-        benchmark.pedantic(call, rounds=max(20, 2000 // n), warmup_rounds=2)
+        benchmark.pedantic(reader.read, rounds=max(20, 2000 // n), warmup_rounds=2)
     finally:
-        close()
+        reader.close()
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -63,4 +63,5 @@ def test_psutil_collector(benchmark, trees, n):
 def test_scenario_reports_every_reader():
     result = bench.run_generated(10, rounds=5)
     assert result["python_us_per_vm"] > 0 and result["psutil_us_per_vm"] > 0
+    assert result["python_refresh_us_per_vm"] > 0
     assert os.path.exists("/proc/self/stat")

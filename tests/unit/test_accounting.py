@@ -1,11 +1,14 @@
-"""Accounting without a VM: Mesos' field names, the memory-overhead formula, disk limit checks."""
+"""Accounting without a VM: Mesos' field names, the memory-overhead formula, disk limit checks,
+update() invalidating the Collector's kept limits."""
 import dataclasses
+import threading
+from types import SimpleNamespace
 
 import pytest
 
-from vmiso.accounting import limits
-from vmiso.accounting.live import hard_limit, limits_record
-from vmiso.errors import InvalidSpec
+from vmiso.accounting import limits, live
+from vmiso.accounting.live import Accounting, hard_limit, limits_record
+from vmiso.errors import InvalidSpec, VmisoError
 from vmiso.spec import Resources, ResourceStatistics
 
 MESOS_FIELDS = [
@@ -50,3 +53,48 @@ def test_disk_limits():
         limits.DiskLimits(total_iops_sec=-1)
     with pytest.raises(InvalidSpec):
         limits.DiskLimits(read_bytes_sec=1.5)
+
+
+class FakeHost:
+    def __init__(self, fail):
+        self.fail, self.calls = fail, []
+
+    def lookup(self, name):
+        return name
+
+    def set_cpu(self, dom, **params):
+        self.calls.append(("cpu", params))
+
+    def set_memory_hard_limit(self, dom, value):
+        if self.fail:
+            raise VmisoError("libvirt said no")
+        self.calls.append(("memory", value))
+
+    def set_balloon(self, dom, value):
+        self.calls.append(("balloon", value))
+
+
+class FakeCollector:
+    def __init__(self):
+        self.invalidated = []
+
+    def invalidate(self, key):
+        self.invalidated.append(key)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_update_makes_the_next_usage_reread_the_limits(monkeypatch, fail):
+    """Even an update that fails halfway (the CPU quota set, the memory limit refused)."""
+    c = SimpleNamespace(id="c1", domain="vmiso-c1", termination=None, dir="/nonexistent", cond=threading.Lock(),
+                        checkpoint=SimpleNamespace(accel="kvm", extra={"limits": limits_record(Resources(cpus=2))}))
+    host = FakeHost(fail)
+    accounting = Accounting(SimpleNamespace(host=host, _get=lambda cid: c), collector=FakeCollector())
+    accounting._targets["c1"] = "the target with the old cpus"
+    monkeypatch.setattr(live.state, "write", lambda directory, checkpoint: None)
+    if fail:
+        with pytest.raises(VmisoError, match="said no"):
+            accounting.update("c1", Resources(cpus=1, mem_mib=256))
+    else:
+        accounting.update("c1", Resources(cpus=1, mem_mib=256))
+    assert host.calls[0] == ("cpu", {"shares": 1024, "quota_us": 100_000, "period_us": 100_000})
+    assert accounting.collector.invalidated == ["c1"] and "c1" not in accounting._targets

@@ -7,6 +7,12 @@ record it fills. ``read_batch(vms, out, net_fd)`` fills ``out`` (int64, ``len(vm
 with one record per VM, -1 where a value is not available, and returns ``[(index, StatsError)]``
 for the VMs that could not be read: one vanished VM never fails the others.
 
+Limits are not counters: a file whose kind carries ``K_LIMIT`` (the CFS quota and period,
+memory.max) changes only when someone changes the limit, so it is read when the VM is opened
+and again by ``VM.refresh_limits()``, never by ``read_batch``, which copies the values kept from
+the last read into the record. The caller decides when to refresh (the Collector: after vmiso's
+own update() and every LIMITS_TTL seconds, see accounting/usage.py).
+
 Network counters come from one read of /proc/net/dev per batch (the kernel's dev_get_stats, as
 /sys/class/net/<if>/statistics/* shows them), turned into the guest's point of view: what its
 tap receives, the guest sent.
@@ -33,7 +39,8 @@ K_MEM_KV = 2     # "key value" lines: memory.stat (v1 and v2)
 K_PROC_STAT = 3  # /proc/<pid>/stat
 K_CPU_MAX = 4    # v2 cpu.max: "<quota|max> <period>"
 K_FSTAT = 5      # a file whose allocated bytes (st_blocks * 512) fill the slot
-K_ONCE = 6       # one integer read when the VM is opened, kept (cpu.cfs_period_us: set once by libvirt)
+K_LIMIT = 8      # flag on K_INT or K_CPU_MAX: a limit, read at open and by refresh_limits() only
+KINDS = frozenset((K_INT, K_CPU_KV, K_MEM_KV, K_PROC_STAT, K_CPU_MAX, K_FSTAT, K_INT | K_LIMIT, K_CPU_MAX | K_LIMIT))
 
 UNLIMITED = (1 << 63) - 1
 MAX_FILES = 16
@@ -62,7 +69,8 @@ _MALFORMED = "malformed contents"
 
 class VM:
     """The open files of one VM. ``entries``: (path, kind, slot) each; ``tap``: its tap's name
-    (str) or None. Raises StatsError when a file cannot be opened (nothing stays open then)."""
+    (str) or None. Raises StatsError when a file cannot be opened or a limit file read (nothing
+    stays open then)."""
 
     def __init__(self, key, entries, tap=None):
         entries = list(entries)
@@ -70,12 +78,13 @@ class VM:
             raise ValueError(f"at most {MAX_FILES} files per VM")
         self.key = key
         self.tap = tap
+        self._tap = None if tap is None else tap.encode()  # as /proc/net/dev names it
         self.paths = tuple(str(path) for path, _, _ in entries)
-        self._files = []
-        self._once = []  # (slot, value)
+        self._files = []   # the counters, read by every read_batch: (fd, kind, slot, path)
+        self._limits = []  # the K_LIMIT files, read by refresh_limits(): (fd, kind, slot, path)
+        self._kept = ()    # (slot, value) from the last refresh_limits(), copied into every record
         for path, kind, slot in entries:
-            if kind not in (K_INT, K_CPU_KV, K_MEM_KV, K_PROC_STAT, K_CPU_MAX, K_FSTAT, K_ONCE) or \
-                    not 0 <= slot < NFIELDS:
+            if kind not in KINDS or not 0 <= slot < NFIELDS:
                 self.close()
                 raise ValueError(f"bad kind {kind} or slot {slot} for {path}")
             try:
@@ -83,26 +92,40 @@ class VM:
             except OSError as err:
                 self.close()
                 raise StatsError.from_errno(path, err.errno) from err
-            self._files.append((fd, kind, slot))
-            if kind == K_ONCE:
-                try:
-                    self._once.append((slot, _int(_pread(fd, path), path)))
-                except StatsError:
-                    self.close()
-                    raise
+            (self._limits if kind & K_LIMIT else self._files).append((fd, kind & ~K_LIMIT, slot, str(path)))
+        try:
+            self.refresh_limits()
+        except StatsError:
+            self.close()
+            raise
 
     @property
     def closed(self):
         return self._files is None
 
+    def refresh_limits(self):
+        """Read the limit files again; read_batch reports these values until the next refresh.
+        Raises StatsError as read_batch would (the values kept stay as they were)."""
+        if self._files is None:
+            raise _closed(self)
+        scratch = [-1] * NFIELDS
+        _read_files(self._limits, scratch, 0)
+        # Records start as -1: only the values a limit file set need copying.
+        self._kept = tuple((slot, value) for slot, value in enumerate(scratch) if value != -1)
+
     def close(self):
         files, self._files = self._files, None
-        for fd, _, _ in files or ():
+        for fd, _, _, _ in (files or []) + self._limits:
             os.close(fd)
+        self._limits = []
 
     def __del__(self):
-        if getattr(self, "_files", None):
+        if getattr(self, "_files", None) is not None:
             self.close()
+
+
+def _closed(vm):
+    return StatsError(vm.paths[0] if vm.paths else "<vm>", "reader closed")
 
 
 def _int(data, path):
@@ -149,12 +172,14 @@ def _cpu_max(data, rec, base, path):
 
 def _read_vm(vm, rec, base):
     if vm._files is None:
-        raise StatsError(vm.paths[0] if vm.paths else "<vm>", "reader closed")
-    for slot, value in vm._once:
+        raise _closed(vm)
+    for slot, value in vm._kept:
         rec[base + slot] = value
-    for (fd, kind, slot), path in zip(vm._files, vm.paths):
-        if kind == K_ONCE:
-            continue
+    _read_files(vm._files, rec, base)
+
+
+def _read_files(files, rec, base):
+    for fd, kind, slot, path in files:
         if kind == K_FSTAT:
             try:
                 rec[base + slot] = os.fstat(fd).st_blocks * 512
@@ -199,7 +224,7 @@ def _read_all(fd):
 def _net(vms, rec, net_fd, failed):
     """Fill the network slots of every VM read from one read of /proc/net/dev. A line that is
     not in the format we know leaves that VM's counters unavailable."""
-    taps = {vm.tap.encode(): i for i, vm in enumerate(vms) if vm.tap is not None and i not in failed}
+    taps = {vm._tap: i for i, vm in enumerate(vms) if vm._tap is not None and i not in failed}
     if not taps:
         return
     for line in _read_all(net_fd).split(b"\n")[2:]:

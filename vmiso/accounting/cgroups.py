@@ -117,12 +117,14 @@ def vm_files(pid, mount_points, proc="/proc", overlay=None):
         files.append((f"{v2}/cpu.stat", s.K_CPU_KV, 0))
     elif own("cpuacct"):
         files.append((f"{own('cpuacct')}/cpuacct.stat", s.K_CPU_KV, 0))
+    limit = s.K_LIMIT  # read at open and on refresh only (see the Collector: update() and LIMITS_TTL)
     cpu = own("cpu")
     if cpu:
-        files += [(f"{cpu}/cpu.stat", s.K_CPU_KV, 0), (f"{cpu}/cpu.cfs_quota_us", s.K_INT, s.F_CFS_QUOTA_US),
-                  (f"{cpu}/cpu.cfs_period_us", s.K_ONCE, s.F_CFS_PERIOD_US)]  # vmiso never changes it
+        files += [(f"{cpu}/cpu.stat", s.K_CPU_KV, 0),
+                  (f"{cpu}/cpu.cfs_quota_us", s.K_INT | limit, s.F_CFS_QUOTA_US),
+                  (f"{cpu}/cpu.cfs_period_us", s.K_INT | limit, s.F_CFS_PERIOD_US)]
     elif v2 and os.path.exists(f"{v2}/cpu.max"):
-        files.append((f"{v2}/cpu.max", s.K_CPU_MAX, 0))
+        files.append((f"{v2}/cpu.max", s.K_CPU_MAX | limit, 0))
     memory = own("memory")
     if memory:
         # v1: memory.stat alone has the exact usage (total_rss + total_cache, as the kernel's
@@ -130,7 +132,7 @@ def vm_files(pid, mount_points, proc="/proc", overlay=None):
         files.append((f"{memory}/memory.stat", s.K_MEM_KV, 0))
     elif v2 and os.path.exists(f"{v2}/memory.current"):
         files += [(f"{v2}/memory.stat", s.K_MEM_KV, 0), (f"{v2}/memory.current", s.K_INT, s.F_MEM_CURRENT),
-                  (f"{v2}/memory.max", s.K_INT, s.F_MEM_LIMIT)]
+                  (f"{v2}/memory.max", s.K_INT | limit, s.F_MEM_LIMIT)]
         if os.path.exists(f"{v2}/memory.swap.current"):
             files.append((f"{v2}/memory.swap.current", s.K_INT, s.F_MEM_SWAP_CURRENT))
     if overlay is not None:

@@ -3,7 +3,9 @@
 The Isolator keeps one ``Accounting``; it remembers per container what the hot path needs (QEMU's
 pid, the overlay's virtual size, the tap) so that a poll of a thousand VMs makes no libvirt call
 and reads no pid file: a pid is looked up again only after its VM failed a read (a vanished
-process gives ESRCH on the kept descriptor, never another process's numbers).
+process gives ESRCH on the kept descriptor, never another process's numbers). update(), even one
+that fails halfway, tells the Collector that the VM's limits changed, so the next usage() shows
+them (the Collector keeps limits between reads, see usage.py).
 """
 import threading
 import time
@@ -106,6 +108,15 @@ class Accounting:
         tap = c.checkpoint.extra.get("tap")
         if (inbound or outbound) and not tap:
             raise InvalidSpec("network", "the task has no network to limit")
+        try:
+            self._apply(c, dom, lim, resources, disk, tap, inbound, outbound)
+        finally:  # even after a partial update: whatever changed shows in the next usage()
+            with self._lock:
+                self._targets.pop(c.id, None)  # cpus_limit's fallback may have changed
+                self.collector.invalidate(c.id)  # the cgroup's limits did: re-read them
+
+    def _apply(self, c, dom, lim, resources, disk, tap, inbound, outbound):
+        host = self.iso.host
         quota = limits.cpu_quota_us(resources.cpus) if resources.cpus < lim["vcpus"] else -1
         host.set_cpu(dom, shares=limits.cpu_shares(resources.cpus), quota_us=quota,
                      period_us=limits.CPU_PERIOD_US)
@@ -119,8 +130,6 @@ class Accounting:
         lim.update(cpus=resources.cpus, mem_mib=resources.mem_mib)
         with c.cond:
             state.write(c.dir, c.checkpoint)
-        with self._lock:
-            self._targets.pop(c.id, None)  # cpus_limit's fallback changed
 
     def _update_memory(self, c, dom, lim, mem_mib):
         host = self.iso.host

@@ -13,6 +13,15 @@ process changes (a new pid: the VM was restarted or the id reused). What the num
   ``mem_rss_bytes`` QEMU's resident set (what ps, psutil and libvirt's ``rss`` show).
 - ``disk_used_bytes``: bytes allocated to the overlay; ``disk_limit_bytes``: its virtual size.
 - network: the tap's counters as the guest sees them (tap TX = guest RX).
+
+Limits are not counters, so they are not read on every call: the CFS quota and period (v1
+``cpu.cfs_quota_us``/``cpu.cfs_period_us``, v2 ``cpu.max``) and v2 ``memory.max`` are read when a
+VM's files are opened and kept (the K_LIMIT files of _fast/stats_py.py). ``invalidate(key)``
+marks one VM's kept limits stale, so the next read re-reads them first: vmiso's own update()
+calls it, and what update() changed shows in the very next usage(). A change made behind vmiso's
+back (``virsh schedinfo``/``virsh memtune`` by hand) shows within LIMITS_TTL seconds, after which
+every VM's limits are re-read. (v1's memory limit, ``hierarchical_memory_limit``, comes with
+the counters of memory.stat and is always current.)
 """
 import array
 import logging
@@ -31,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _BIG = 1 << 62  # v1 says "unlimited" with a page-rounded INT64_MAX; v2 with "max"
 _FILES_PER_VM = 8
+LIMITS_TTL = 5.0  # seconds kept limits are trusted (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -46,28 +56,45 @@ class Target:
     disk_limit: Optional[int] = None
 
 
-class Collector:
-    """Batch usage reader. Not thread-safe: callers serialise (the Isolator holds a lock)."""
+class _Open:
+    """A VM whose files are open: for which pid and Target, and when its limits were read."""
 
-    def __init__(self, proc="/proc", mountinfo=None, net_dev=None, impl=None):
+    __slots__ = ("pid", "vm", "target", "limits_at")
+
+    def __init__(self, pid, vm, target, limits_at):
+        self.pid, self.vm, self.target, self.limits_at = pid, vm, target, limits_at
+
+
+class Collector:
+    """Batch usage reader. Not thread-safe: callers serialise (the Isolator holds a lock).
+    ``clock``: monotonic seconds (for LIMITS_TTL)."""
+
+    def __init__(self, proc="/proc", mountinfo=None, net_dev=None, impl=None, clock=time.monotonic):
         self.proc = proc
         self.mountinfo = mountinfo or f"{proc}/self/mountinfo"
         self.net_dev = net_dev or f"{proc}/net/dev"
         self.impl = impl or _fast.load("stats")
+        self.clock = clock
         self._mounts = None
-        self._open = {}  # key -> (pid, VM, Target)
+        self._open = {}  # key -> _Open
         self._net_fd = -1
         self._out = array.array("q")
         self._clk_tck = os.sysconf("SC_CLK_TCK")
         self._page = os.sysconf("SC_PAGE_SIZE")
 
     def close(self):
-        for _, vm, _ in self._open.values():
-            vm.close()
+        for held in self._open.values():
+            held.vm.close()
         self._open.clear()
         if self._net_fd >= 0:
             os.close(self._net_fd)
             self._net_fd = -1
+
+    def invalidate(self, key):
+        """The limits of VM ``key`` changed (or may have): re-read them at its next read."""
+        held = self._open.get(key)
+        if held is not None:
+            held.limits_at = None
 
     def read(self, targets, prune=True):
         """({key: ResourceStatistics}, {key: StatsError}) for ``targets``; with ``prune``, the
@@ -78,10 +105,11 @@ class Collector:
         if prune:
             wanted = {t.key for t in targets}
             for key in [k for k in self._open if k not in wanted]:
-                self._open.pop(key)[1].close()
+                self._open.pop(key).vm.close()
+        now = self.clock()
         for target in targets:
             try:
-                vms.append(self._vm(target))
+                vms.append(self._vm(target, now))
                 kept.append(target)
             except StatsError as err:
                 errors[target.key] = err
@@ -91,27 +119,40 @@ class Collector:
         failed = self.impl.read_batch(vms, self._out, self._net())
         for index, err in failed:
             errors[kept[index].key] = err
-            self._open.pop(kept[index].key)[1].close()  # re-derived next time: it may be back
-        now = time.time()
+            self._open.pop(kept[index].key).vm.close()  # re-derived next time: it may be back
+        stamp = time.time()
         bad = {index for index, _ in failed}
-        stats = {t.key: self.assemble(self._out, i * self.impl.NFIELDS, t, now)
+        stats = {t.key: self.assemble(self._out, i * self.impl.NFIELDS, t, stamp)
                  for i, t in enumerate(kept) if i not in bad}
         return stats, errors
 
-    def _vm(self, target):
+    def _vm(self, target, now):
         held = self._open.get(target.key)
-        if held is not None and held[0] == target.pid and held[2] == target:
-            return held[1]
+        if held is not None and held.pid == target.pid and held.target == target:
+            if held.limits_at is None or now - held.limits_at >= LIMITS_TTL:
+                self._refresh_limits(held, now)
+            return held.vm
         if held is not None:
-            held[1].close()
+            held.vm.close()
             del self._open[target.key]
         if self._mounts is None:
             self._mounts = cgroups.mounts(self.mountinfo)
         files = cgroups.vm_files(target.pid, self._mounts, self.proc, target.overlay)
         _ensure_fd_room(len(self._open) * _FILES_PER_VM + len(files))
-        vm = self.impl.VM(target.key, files, tap=target.tap)
-        self._open[target.key] = (target.pid, vm, target)
+        vm = self.impl.VM(target.key, files, tap=target.tap)  # reads the limits
+        self._open[target.key] = _Open(target.pid, vm, target, now)
         return vm
+
+    def _refresh_limits(self, held, now):
+        """Re-read one VM's limits; a VM that fails is closed and re-derived next time, as after
+        a failed read."""
+        try:
+            held.vm.refresh_limits()
+        except StatsError:
+            del self._open[held.target.key]
+            held.vm.close()
+            raise
+        held.limits_at = now
 
     def _net(self):
         if self._net_fd < 0:

@@ -5,7 +5,14 @@ Thousands of VMs do not fit on a test machine, so ``make_tree`` writes what the 
 show for N VMs, in its formats (cgroup v1 + v2 hybrid as on these hosts, or pure v2): /proc
 (stat, cgroup of each thread, mountinfo, net/dev) and the cgroup files, on tmpfs. Every reader
 reads the same files; the psutil collector is pointed at the same /proc (psutil.PROCFS_PATH).
+
+``cython_us_per_vm``/``python_us_per_vm`` are one read_batch, which reads the counters; the
+limits (CFS quota, memory.max) are read when a VM is opened and re-read by the Collector once
+per LIMITS_TTL (accounting/usage.py), which ``*_refresh_us_per_vm`` measures: polled every
+second, a VM costs the read plus refresh / LIMITS_TTL. The psutil collector reads every file on
+every poll, limits included, as such a collector would.
 """
+import collections
 import os
 import shutil
 import statistics
@@ -207,8 +214,12 @@ def _median_us(action, rounds):
     return statistics.median(samples) / 1000
 
 
+Reader = collections.namedtuple("Reader", "read refresh close")
+
+
 def batch_reader(module, targets, proc):
-    """(call, close): one read_batch of every target's kept files with ``module``."""
+    """A Reader of every target's kept files with ``module``: ``read()`` is one read_batch,
+    ``refresh()`` re-reads every VM's limits (what the Collector does once per LIMITS_TTL)."""
     import array
 
     mount_points = cgroups.mounts(f"{proc}/self/mountinfo")
@@ -216,12 +227,16 @@ def batch_reader(module, targets, proc):
     out = array.array("q", bytes(8 * module.NFIELDS * len(vms)))
     net_fd = os.open(f"{proc}/net/dev", os.O_RDONLY | os.O_CLOEXEC)
 
+    def refresh():
+        for vm in vms:
+            vm.refresh_limits()
+
     def close():
         for vm in vms:
             vm.close()
         os.close(net_fd)
 
-    return (lambda: module.read_batch(vms, out, net_fd)), close
+    return Reader(lambda: module.read_batch(vms, out, net_fd), refresh, close)
 
 
 def psutil_collector(targets, proc):
@@ -276,19 +291,21 @@ def run_generated(n, layout="hybrid", rounds=None):
             for name, module in modules.items():
                 if module is not None:
                     readers[name] = batch_reader(module, targets, proc)
-                    readers[name][0]()  # warm
+                    readers[name].read()  # warm
             # Interleaved rounds: both readers see the same noise from the rest of the machine.
             samples = {name: [] for name in readers}
             for _ in range(rounds):
-                for name, (call, _) in readers.items():
+                for name, reader in readers.items():
                     start = time.perf_counter_ns()
-                    call()
+                    reader.read()
                     samples[name].append(time.perf_counter_ns() - start)
+            refresh = {name: _median_us(reader.refresh, max(3, rounds // 4)) / n for name, reader in readers.items()}
         finally:
-            for _, close in readers.values():
-                close()
+            for reader in readers.values():
+                reader.close()
         for name in modules:
             result[f"{name}_us_per_vm"] = statistics.median(samples[name]) / 1000 / n if name in samples else None
+            result[f"{name}_refresh_us_per_vm"] = refresh.get(name)
         collector = Collector(proc=proc)
         try:
             collector.read(targets)
@@ -317,12 +334,12 @@ def run_live(iso, container_ids, rounds=50):
         if module is None:
             result[f"live_{name}_us_per_vm"] = None
             continue
-        call, close = batch_reader(module, targets, "/proc")
+        reader = batch_reader(module, targets, "/proc")
         try:
-            call()
-            result[f"live_{name}_us_per_vm"] = _median_us(call, rounds) / n
+            reader.read()
+            result[f"live_{name}_us_per_vm"] = _median_us(reader.read, rounds) / n
         finally:
-            close()
+            reader.close()
     poll = psutil_collector(targets, "/proc")
     poll()
     result["live_psutil_us_per_vm"] = _median_us(poll, rounds) / n
