@@ -11,6 +11,8 @@ DEB_PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs nftables iproute2
   cloud-init kmod lz4
   slurm-wlm munge tini genisoimage
+  # the lean micro kernel is compiled from Debian's linux-source (vmiso/image/lean.py)
+  gcc make flex bison bc libelf-dev libssl-dev xz-utils patch
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -20,7 +20,8 @@ AGENT = "vmiso-systest"
 def workdir():
     from vmiso.image import micro
 
-    micro.build_micro(WORKDIR, progress=lambda *a: None)
+    micro.build_micro(WORKDIR, progress=lambda *a: None)  # lean: what "micro" boots
+    micro.build_micro(WORKDIR, progress=lambda *a: None, kernel="stock", make_default=False)  # "micro:stock"
     return WORKDIR
 
 

@@ -4,6 +4,7 @@ qemu-system-x86_64 under TCG, checked against the task contract (DESIGN.md, "Gue
 No libvirt here on purpose: this proves the image itself; the domain XML is tested elsewhere.
 """
 import dataclasses
+import json
 import os
 import secrets
 import stat
@@ -12,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from vmiso._proc import run
-from vmiso.image import micro, seed
+from vmiso.image import lean, micro, seed
 
 pytestmark = pytest.mark.system
 
 # Outside /tmp so a second session finds the build (and the downloaded packages) again.
 WORKDIR = Path(os.environ.get("VMISO_MICRO_TEST_WORKDIR", "/var/tmp/vmiso-test-micro"))
+# The lean kernel takes minutes to compile: share the main work dir's kernel cache.
+KERNEL_CACHE = Path(os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso")) / "cache" / "kernel"
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 BOOT_TIMEOUT = 60
 
@@ -43,9 +46,19 @@ class Boot:
         return self.stdout.rpartition(f"VMISO-{self.nonce} EXIT ".encode())[0]
 
 
+def build(kernel, progress=lambda message: None):
+    return micro.build_micro(WORKDIR, progress=progress, kernel=kernel, kernel_cache=KERNEL_CACHE)
+
+
+@pytest.fixture(scope="module", params=micro.KERNELS)
+def image(request):
+    """Every test below runs on each kernel: the lean one (default) and Debian's stock one."""
+    return build(request.param)
+
+
 @pytest.fixture(scope="module")
-def image():
-    return micro.build_micro(WORKDIR, progress=lambda message: None)
+def stock():
+    return build("stock")
 
 
 def new_overlay(image, path):
@@ -57,10 +70,12 @@ def qemu_argv(image, overlay, seed_iso, logs):
     argv = [
         "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "512",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-kernel", image.kernel, "-initrd", image.initrd, "-append", micro.KERNEL_CMDLINE,
+        "-kernel", image.kernel, "-append", image.cmdline,
         "-drive", f"file={overlay},if=virtio,format=qcow2",
         "-drive", f"file={seed_iso},if=virtio,format=raw,readonly=on",
     ]
+    if image.initrd is not None:
+        argv += ["-initrd", image.initrd]
     if QBOOT.exists():
         argv += ["-bios", QBOOT]
     for n, log in enumerate(logs):  # ttyS0 console, ttyS1 task stdout, ttyS2 task stderr
@@ -128,17 +143,18 @@ def test_build_is_content_addressed_and_cached(image):
     before, image_dir = snapshot(), image.kernel.parent
     dir_mtime = image_dir.stat().st_mtime_ns
     messages = []
-    again = micro.build_micro(WORKDIR, progress=messages.append)
+    again = build(image.kernel_flavour, progress=messages.append)
     assert again == image
     assert messages == [], "a second build downloaded or rebuilt something"
     assert snapshot() == before
     assert image_dir.stat().st_mtime_ns == dir_mtime
-    assert micro.find_micro(WORKDIR) == image
+    assert micro.find_micro(WORKDIR, image.kernel_flavour) == image
+    assert micro.find_micro(WORKDIR) == image, "the newest build is what 'micro' boots"
     assert image.key == image_dir.name and len(image.key) == 64
 
 
 def test_image_files_are_read_only_and_reachable_for_qemu(image):
-    for path in (image.kernel, image.initrd, image.base):
+    for path in (image.kernel, image.base, *([image.initrd] if image.initrd else [])):
         assert stat.S_IMODE(path.stat().st_mode) == 0o444
     for directory in (WORKDIR / "images", WORKDIR / "images" / "micro", image.kernel.parent):
         assert stat.S_IMODE(directory.stat().st_mode) & 0o005 == 0o005
@@ -165,8 +181,8 @@ def read_newc(data):
         pos = start + size + (-size % 4)
 
 
-def test_initramfs_holds_init_and_modules_in_load_order(image, tmp_path):
-    entries, order = read_newc(image.initrd.read_bytes())
+def test_initramfs_holds_init_and_modules_in_load_order(stock, tmp_path):
+    entries, order = read_newc(stock.initrd.read_bytes())
     mode, _, init = entries["init"]
     assert stat.S_ISREG(mode) and mode & 0o111 and init.startswith(b"#!/bin/busybox sh")
     assert stat.S_ISREG(entries["bin/busybox"][0])
@@ -195,3 +211,23 @@ def test_broken_seed_powers_off_with_a_reason(image, tmp_path):
     assert proc.returncode == 0
     assert b"vmiso-init: the seed has no vmiso/task.sh" in logs[0].read_bytes()
     assert logs[1].read_bytes() == b""
+
+
+def test_lean_kernel_boots_the_root_itself_and_is_cached(tmp_path):
+    """The lean kernel: no initramfs, vmiso's release name, its full config kept beside it with
+    every option of the fragment in force, and a second build compiles nothing."""
+    image = build("lean")
+    assert image.initrd is None and image.kernel_flavour == "lean"
+    assert image.kernel_version.endswith("-vmiso-lean")
+    result = boot(image, tmp_path, ["sh", "-c", "uname -r; cat /proc/cmdline"])
+    assert result.exit_code() == 0
+    release, cmdline = result.task_stdout().decode().splitlines()
+    assert release == image.kernel_version
+    assert "root=/dev/vda" in cmdline and "rdinit" not in cmdline
+    manifest = json.loads((image.kernel.parent / "manifest.json").read_text())
+    kept = KERNEL_CACHE / manifest["lean_kernel"]
+    assert lean.missing_options((kept / "config").read_text(), lean.fragment().decode()) == []
+    assert (kept / "vmlinux").read_bytes() == image.kernel.read_bytes()
+    messages = []
+    assert build("lean", progress=messages.append) == image
+    assert not [m for m in messages if m.startswith("kernel:")], messages

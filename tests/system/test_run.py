@@ -29,6 +29,23 @@ def test_output_streams_and_exit_code(workdir, cid):
     assert not os.path.exists(container_dir(workdir, cid))
 
 
+@pytest.mark.parametrize("image", ["micro:stock", "micro:lean"])
+def test_each_micro_kernel_runs_a_task(workdir, cid, image):
+    """Both kernels through libvirt: the stock one with its initramfs, the lean one without."""
+    from vmiso.image import micro
+
+    proc = vmiso_cli("run", "--name", cid, "--image", image, "--", "sh", "-c", "uname -r; echo ok >&2; exit 5")
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.decode().strip() == micro.find_micro(workdir, image.split(":")[1]).kernel_version
+    assert proc.stderr == b"ok\n"
+
+
+def test_unknown_micro_kernel_is_a_usage_error(workdir, cid):
+    proc = vmiso_cli("run", "--name", cid, "--image", "micro:tiny", "--", "true")
+    assert proc.returncode == 125
+    assert b"not one of lean, stock" in proc.stderr
+
+
 def test_arguments_arrive_byte_exact(workdir, cid):
     proc = vmiso_cli("run", "--name", cid, "--", "printf", "%s|", "a b", "$(id)", "it's", "ü", '"q"')
     assert proc.returncode == 0, proc.stderr

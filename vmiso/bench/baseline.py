@@ -1,5 +1,6 @@
 """The baseline vmiso replaces: the 2016 Mesos "Qemu/KVM containerizer" prototype's launch path
-(MESOS-2717), on the same micro kernel, initrd and kernel command line, for the same task.
+(MESOS-2717), on the same micro kernel (initrd, for the stock one) and kernel command line, for
+the same task.
 
 What the prototype did, step by step: a whole-disk copy of the base per task (here a 1 GiB raw
 image made once from micro's root and cached in ``<workdir>/cache/bench/``); the seed ISO built
@@ -114,7 +115,7 @@ def once(conn, workdir, base, boot, accel, command, mem_mib=256):
             name=DOMAIN_PREFIX + name, uuid=str(uuid.uuid4()), domain_type=accel.domain_type, vcpus=1,
             memory_mib=mem_mib, serial_logs=logs, machine="pc",
             disks=(domain.Disk(disk, "vda", "raw"), domain.Disk(iso, "vdb", "raw", readonly=True)),
-            kernel=str(boot.kernel), initrd=str(boot.initrd), cmdline=boot.cmdline,
+            kernel=str(boot.kernel), initrd=str(boot.initrd) if boot.initrd else None, cmdline=boot.cmdline,
         )
         dom = conn.defineXML(config.to_xml())
         marks["define"] = time.monotonic()

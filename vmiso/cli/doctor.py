@@ -75,7 +75,7 @@ def _micro(args):
     image = micro.find_micro(args.workdir)
     if image is None:
         return ("image micro", WARN, "not built: vmiso image build-micro (or 'make micro')")
-    return ("image micro", OK, f"{image.key[:12]}, kernel {image.kernel_version}")
+    return ("image micro", OK, f"{image.key[:12]}, {image.kernel_flavour} kernel {image.kernel_version}")
 
 
 def _ver(n):

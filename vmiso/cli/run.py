@@ -24,7 +24,9 @@ def register(sub):
                     "and stderr as they arrive and exits with its exit code (124: timeout, 137: killed, "
                     "125: vmiso failed). The VM and its files are removed afterwards.",
         epilog="example: vmiso run --cpus 2 --mem 512 -- sh -c 'nproc; free -m'")
-    p.add_argument("--image", default="micro", help="micro (default) or the path of a base image")
+    p.add_argument("--image", default="micro",
+                   help="micro (default; micro:lean or micro:stock picks its kernel), a stored image's name or id, "
+                        "or the path of a base image")
     p.add_argument("--format", choices=("qcow2", "raw"), help="the base image's format (default: qcow2; "
                                                              "raw must be declared)")
     p.add_argument("--cpus", type=float, help="CPUs: vCPUs = ceil(N), fractions become a quota "

@@ -1,45 +1,53 @@
-"""The embedded default guest, *micro*: Debian's cloud kernel, a tiny initramfs and an ext4 root
-of static busybox whose /sbin/init runs the task contract (DESIGN.md, "Guest contract").
+"""The embedded default guest, *micro*: a small kernel booted directly and an ext4 root of static
+busybox whose /sbin/init runs the task contract (DESIGN.md, "Guest contract").
 
-Built from two Debian packages fetched with ``apt-get download`` (the kernel behind
-``linux-image-cloud-amd64`` and ``busybox-static``) without mounting anything: the initramfs is a
-newc cpio written here, the root is ``mke2fs -d`` of a directory converted to qcow2. The build is
-content-addressed: key = sha256 over both .deb files, the guest scripts and the recipe, so it
-reruns only when one of them changes. Layout under the work directory::
+Two kernels, one root (``build_micro(kernel=...)``, ``vmiso image build-micro --kernel``):
+
+- lean (the default): compiled once from Debian's ``linux-source`` with vmiso's config (lean.py):
+  virtio, ext4 and iso9660 built in, so the kernel mounts /dev/vda itself; no initramfs.
+- stock: Debian's cloud kernel (``linux-image-cloud-amd64``) and a tiny initramfs that loads its
+  virtio modules and mounts the root. Nothing is compiled.
+
+Built from Debian packages fetched with ``apt-get download`` without mounting anything: the
+initramfs is a newc cpio written here, the root is ``mke2fs -d`` of a directory converted to
+qcow2. The build is content-addressed: key = sha256 over the kernel (its .deb, or the lean
+kernel's key), busybox's .deb, the guest scripts and the recipe, so it reruns only when one of
+them changes. Layout under the work directory::
 
   cache/debs/*.deb                 downloaded packages (kept; verified against apt's SHA256)
-  images/micro/<key>/              vmlinux, initrd.img, root.qcow2, manifest.json (all 0444)
+  cache/kernel/<key>/              lean kernels (lean.py)
+  images/micro/<key>/              vmlinux, initrd.img (stock), root.qcow2, manifest.json (0444)
   images/micro/.build-*            a build in progress (renamed into place when complete)
+  images/micro/current             the key the image name "micro" boots (text)
+  images/micro/current-<kernel>    the newest key of each kernel ("micro:lean", "micro:stock")
 
-The kernel is the bzImage's payload unpacked (an ELF with a PVH entry, booted directly by QEMU);
-where the payload's decompressor (``lz4`` for Debian 12) is missing it is the bzImage, vmlinuz.
-  images/micro/current             the current key (text)
-
-QEMU runs as another user (libvirt-qemu) and reads kernel, initrd and base directly, so
-everything from ``images/`` down is world-readable/traversable; the work directory itself only
-needs o+x.
+The stock kernel is the bzImage's payload unpacked (pvh.py), or the bzImage where the payload's
+decompressor is missing. QEMU runs as another user (libvirt-qemu) and reads kernel, initrd and
+base directly, so everything from ``images/`` down is world-readable/traversable; the work
+directory itself only needs o+x.
 """
 import hashlib
 import json
-import lzma
 import os
 import shutil
 import stat
 import tempfile
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 from .._proc import run
-from ..errors import CommandFailed, HostError, ImageError
+from ..errors import ImageError, InvalidSpec
+from . import debs, lean, pvh
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
+KERNELS = ("lean", "stock")  # what build_micro(kernel=...) takes; see the module's docstring
+DEFAULT_KERNEL = "lean"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-APT_LISTS = "/var/lib/apt/lists"
 # Load order for busybox insmod (no modprobe, no modules.dep): each after its dependencies.
 # ext4, jbd2, crc16, mbcache are built into Debian's cloud kernel, so they are not listed.
 MODULES = (
@@ -57,213 +65,60 @@ MKE2FS_OPTIONS = (
 )
 # quiet/loglevel: each console byte is a VM exit under TCG. cryptomgr.notests: the crypto
 # self-tests cost ~0.24 s under TCG. tsc=reliable, no_timer_check: no clocksource watchdog, no
-# timer IRQ check. i8042.*: no PS/2 probing. panic=-1: a panic reboots at once, which
-# -no-reboot / on_reboot=destroy turn into the VM's end.
-KERNEL_CMDLINE = (
-    "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init cryptomgr.notests "
-    "tsc=reliable no_timer_check i8042.noaux i8042.nokbd i8042.nopnp"
-)
+# timer IRQ check. panic=-1: a panic reboots at once, which -no-reboot / on_reboot=destroy turn
+# into the VM's end.
+_COMMON_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 cryptomgr.notests tsc=reliable no_timer_check"
+# stock: the initramfs loads the virtio modules and mounts the root; i8042.*: no PS/2 probing.
+STOCK_CMDLINE = _COMMON_CMDLINE + " rdinit=/init i8042.noaux i8042.nokbd i8042.nopnp"
+# lean: virtio and ext4 are built in, so the kernel mounts the root itself. noapictimer: the
+# local APIC timer's calibration and emulation cost ~0.25 s a boot under TCG (measured); the
+# PIT drives the tick instead and the other vCPUs get it by broadcast (sleep 2 takes 2 s with
+# 2 vCPUs, measured). Revisit on KVM hosts, where the APIC timer is cheap.
+LEAN_CMDLINE = _COMMON_CMDLINE + " root=/dev/vda rootfstype=ext4 rw noapictimer"
+KERNEL_CMDLINE = STOCK_CMDLINE  # the micro kernel's command line before there was a choice
 GUEST_SCRIPTS = ("initramfs-init", "micro-init")
-_RECIPE = repr((BUILDER_VERSION, MODULES, ROOT_SIZE, MKE2FS_OPTIONS))
+_RECIPE = repr((BUILDER_VERSION, MODULES, ROOT_SIZE, MKE2FS_OPTIONS, STOCK_CMDLINE, LEAN_CMDLINE))
 
 
 @dataclass(frozen=True)
 class MicroImage:
     key: str
     kernel: Path
-    initrd: Path
+    initrd: Optional[Path]  # None: the kernel mounts the root itself (lean)
     base: Path
     kernel_version: str
     virtual_size: int
     base_format: str = "qcow2"
-
-
-# -- packages --------------------------------------------------------------------------------
-
-def _apt_records(packages):
-    """Fields of the candidate versions of ``packages`` from apt's lists (downloads nothing)."""
-    argv = ["apt-cache", "show", "--no-all-versions", *packages]
-    try:
-        text = run(argv, timeout=60).stdout
-    except CommandFailed:
-        # Fresh machine without package lists: fetch them once, then ask again.
-        run(["apt-get", "update", "-q"], timeout=600)
-        text = run(argv, timeout=60).stdout
-    records = {}
-    for paragraph in text.split("\n\n"):
-        fields = {}
-        for line in paragraph.splitlines():
-            name, sep, value = line.partition(": ")
-            if sep and not line.startswith(" "):
-                fields.setdefault(name, value.strip())
-        if "Package" in fields and "Version" in fields:
-            records[fields["Package"]] = fields
-    missing = [p for p in packages if p not in records]
-    if missing:
-        raise HostError(f"apt knows no installable version of {', '.join(missing)}")
-    return records
-
-
-def _kernel_package(depends):
-    """The real kernel package the metapackage depends on (linux-image-<abi>-cloud-amd64)."""
-    for alternative in depends.replace("|", ",").split(","):
-        name = alternative.split("(")[0].strip()
-        if name.startswith("linux-image-") and name != KERNEL_METAPACKAGE:
-            return name
-    raise HostError(f"{KERNEL_METAPACKAGE} depends on no linux-image package: {depends!r}")
-
-
-def _lists_stamp():
-    """Changes whenever apt's package lists change (names, sizes, mtimes)."""
-    entries = sorted(
-        f"{e.name}:{e.stat().st_size}:{e.stat().st_mtime_ns}"
-        for e in os.scandir(APT_LISTS) if e.is_file() and e.name != "lock"
-    ) if os.path.isdir(APT_LISTS) else []
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
-
-
-def _resolve(cache):
-    """apt's records for the kernel and busybox packages, {"kernel": ..., "busybox": ...}.
-
-    apt-cache takes ~0.7 s a call where its binary cache is disabled (Debian's container
-    images), so the answer is kept in ``cache/resolved.json`` until apt's lists change.
-    """
-    memo, stamp = cache / "resolved.json", _lists_stamp()
-    try:
-        saved = json.loads(memo.read_text())
-        if saved["stamp"] == stamp:
-            return saved["records"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    first = _apt_records([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE])
-    kernel = _kernel_package(first[KERNEL_METAPACKAGE].get("Depends", ""))
-    keep = ("Package", "Version", "Architecture", "SHA256")
-    records = {
-        name: {k: record[k] for k in keep if k in record}
-        for name, record in (("kernel", _apt_records([kernel])[kernel]),
-                             ("busybox", first[BUSYBOX_PACKAGE]))
-    }
-    tmp = cache / f".resolved-{os.getpid()}"
-    tmp.write_text(json.dumps({"stamp": stamp, "records": records}))
-    os.replace(tmp, memo)
-    return records
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fetch(record, cache, progress):
-    """Path of the verified .deb for apt ``record`` in ``cache``, downloading it only when absent
-    or corrupt. Returns (path, sha256)."""
-    package = record["Package"]
-    version = record["Version"].replace(":", "%3a")  # apt-get download's file naming
-    path = cache / f"{package}_{version}_{record.get('Architecture', 'amd64')}.deb"
-    want = record.get("SHA256")
-    if path.exists():
-        have = _sha256(path)
-        if want in (None, have):
-            return path, have
-        path.unlink()
-    progress(f"micro: downloading {package} {record['Version']}")
-    with tempfile.TemporaryDirectory(prefix=".dl-", dir=cache) as tmp:
-        run(["apt-get", "download", "-q", f"{package}={record['Version']}"], timeout=900, cwd=tmp)
-        [got] = Path(tmp).glob("*.deb")
-        have = _sha256(got)
-        if want not in (None, have):
-            raise ImageError(got, f"sha256 {have} does not match apt's {want}")
-        os.replace(got, path)
-    return path, have
+    cmdline: str = STOCK_CMDLINE
+    kernel_flavour: str = "stock"
 
 
 def _guest_script(name):
     return resources.files("vmiso.image").joinpath("guest", name).read_bytes()
 
 
-def _image_key(kernel_sha, busybox_sha):
+def _image_key(kernel_flavour, kernel_id, busybox_sha):
+    """``kernel_id``: the stock kernel .deb's sha256, or the lean kernel's key."""
     digest = hashlib.sha256()
-    parts = [_RECIPE.encode(), repr(_pvh_tools()).encode(), kernel_sha.encode(), busybox_sha.encode()]
+    parts = [_RECIPE.encode(), repr(pvh.tools()).encode(), kernel_flavour.encode(), kernel_id.encode(),
+             busybox_sha.encode()]
     parts += [_guest_script(name) for name in GUEST_SCRIPTS]
     for part in parts:  # length-prefixed, so no two different inputs hash alike
         digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
 
 
-# -- the kernel ------------------------------------------------------------------------------
-# The bzImage's payload, unpacked, is an ELF vmlinux with a PVH entry note: QEMU starts it in
-# 32-bit mode directly, skipping the real-mode setup and the in-guest decompression (-0.34 s a
-# boot under TCG, measured). Without a tool for the payload's format, the bzImage is used as is.
-_LZ4, _ZSTD, _GZIP, _XZ = b"\x02\x21\x4c\x18", b"\x28\xb5\x2f\xfd", b"\x1f\x8b", b"\xfd7zXZ\x00"
-_PVH_NOTE = 18  # XEN_ELFNOTE_PHYS32_ENTRY
+def _resolve(cache, kernel_flavour):
+    """apt's records of the packages a ``kernel_flavour`` image is made of: {"busybox": ...}, and
+    for stock {"kernel": ...} too (the real package behind the cloud kernel's metapackage)."""
+    def lookup():
+        if kernel_flavour != "stock":
+            return {"busybox": debs.apt_records([BUSYBOX_PACKAGE])[BUSYBOX_PACKAGE]}
+        first = debs.apt_records([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE])
+        kernel = debs.dependency(KERNEL_METAPACKAGE, first[KERNEL_METAPACKAGE], "linux-image-")
+        return {"kernel": debs.apt_records([kernel])[kernel], "busybox": first[BUSYBOX_PACKAGE]}
 
-
-def _u(data, offset, size):
-    return int.from_bytes(data[offset:offset + size], "little")
-
-
-def _bzimage_payload(data):
-    """The compressed vmlinux inside a bzImage (boot protocol >= 2.08), or b""."""
-    if data[0x202:0x206] != b"HdrS" or _u(data, 0x206, 2) < 0x208:
-        return b""
-    start = ((data[0x1F1] or 4) + 1) * 512 + _u(data, 0x248, 4)
-    return data[start:start + _u(data, 0x24C, 4)]
-
-
-def _decompress(payload, scratch):
-    """Unpacked ``payload``, or None when no decoder for its format is at hand."""
-    if payload.startswith(_GZIP):
-        return zlib.decompressobj(31).decompress(payload)
-    # The other formats carry the unpacked size as a 4-byte trailer (the kernel's *_with_size).
-    payload, size = payload[:-4], _u(payload, len(payload) - 4, 4)
-    if payload.startswith(_XZ):
-        elf = lzma.LZMADecompressor().decompress(payload)
-    else:
-        tool = {_LZ4: "lz4", _ZSTD: "zstd"}.get(payload[:4])
-        if tool is None or shutil.which(tool) is None:
-            return None
-        packed, unpacked = scratch / "vmlinux.packed", scratch / "vmlinux.unpacked"
-        packed.write_bytes(payload)
-        run([tool, "-d", "-q", "-f", packed, unpacked], timeout=300)
-        elf = unpacked.read_bytes()
-    return elf if len(elf) == size else None
-
-
-def _has_pvh_entry(elf):
-    """Whether ``elf`` is an ELF64 with a PVH entry point note (so QEMU can boot it directly)."""
-    if elf[:5] != b"\x7fELF\x02":
-        return False
-    phoff, phentsize, phnum = _u(elf, 0x20, 8), _u(elf, 0x36, 2), _u(elf, 0x38, 2)
-    for ph in range(phoff, phoff + phentsize * phnum, phentsize):
-        if _u(elf, ph, 4) != 4:  # PT_NOTE
-            continue
-        pos, end = _u(elf, ph + 8, 8), _u(elf, ph + 8, 8) + _u(elf, ph + 32, 8)
-        while pos + 12 <= end:
-            namesz, descsz, kind = _u(elf, pos, 4), _u(elf, pos + 4, 4), _u(elf, pos + 8, 4)
-            if elf[pos + 12:pos + 12 + namesz] == b"Xen\0" and kind == _PVH_NOTE:
-                return True
-            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
-    return False
-
-
-def _install_kernel(bzimage, out, scratch):
-    """Write the kernel into ``out``: vmlinux (PVH ELF) if possible, else the bzImage vmlinuz."""
-    data = Path(bzimage).read_bytes()
-    payload = _bzimage_payload(data)
-    elf = _decompress(payload, scratch) if len(payload) > 4 else None
-    if elf and _has_pvh_entry(elf):
-        (out / "vmlinux").write_bytes(elf)
-        return "vmlinux"
-    (out / "vmlinuz").write_bytes(data)
-    return "vmlinuz"
-
-
-def _pvh_tools():
-    """Part of the recipe: which external decompressors this build can use."""
-    return tuple(tool for tool in ("lz4", "zstd") if shutil.which(tool))
+    return debs.resolve(cache, f"micro-{kernel_flavour}", lookup)
 
 
 # -- the initramfs ---------------------------------------------------------------------------
@@ -373,13 +228,16 @@ def _micro_dir(workdir):
 
 
 def _image_from(directory, manifest):
+    initrd = manifest.get("initrd_file", "initrd.img")
     return MicroImage(
         key=manifest["key"],
         kernel=directory / manifest["kernel_file"],
-        initrd=directory / "initrd.img",
+        initrd=directory / initrd if initrd else None,
         base=directory / "root.qcow2",
         kernel_version=manifest["kernel_version"],
         virtual_size=manifest["virtual_size"],
+        cmdline=manifest.get("kernel_cmdline", STOCK_CMDLINE),
+        kernel_flavour=manifest.get("kernel_flavour", "stock"),
     )
 
 
@@ -390,16 +248,31 @@ def _load(directory):
     except (OSError, ValueError):
         return None
     image = _image_from(directory, manifest)
-    if not all(p.is_file() for p in (image.kernel, image.initrd, image.base)):
+    if not all(p.is_file() for p in (image.kernel, image.initrd or image.kernel, image.base)):
         return None
     return image
 
 
-def find_micro(workdir):
-    """The current micro image of ``workdir``, or None; builds and downloads nothing."""
+def _pointer(kernel_flavour):
+    """The file naming the current key: "current" (what "micro" boots) or "current-<flavour>"."""
+    if kernel_flavour is None:
+        return "current"
+    check_kernel(kernel_flavour)
+    return f"current-{kernel_flavour}"
+
+
+def check_kernel(kernel_flavour):
+    if kernel_flavour not in KERNELS:
+        raise InvalidSpec("kernel", f"{kernel_flavour!r} is not one of {', '.join(KERNELS)}")
+    return kernel_flavour
+
+
+def find_micro(workdir, kernel_flavour=None):
+    """The current micro image of ``workdir`` (of that kernel flavour if given), or None; builds
+    and downloads nothing."""
     micro = _micro_dir(workdir)
     try:
-        key = (micro / "current").read_text().strip()
+        key = (micro / _pointer(kernel_flavour)).read_text().strip()
     except OSError:
         return None
     if not key or "/" in key or key.startswith("."):
@@ -422,7 +295,7 @@ def _sweep(micro, max_age=3600):
     """Remove what a killed build left behind (an hour old: no build takes that long)."""
     for entry in os.scandir(micro):
         stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > max_age
-        if not (stale and entry.name.startswith((".build-", ".old-", ".current-"))):
+        if not (stale and entry.name.startswith((".build-", ".old-", ".current"))):
             continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -430,39 +303,54 @@ def _sweep(micro, max_age=3600):
             os.unlink(entry.path)
 
 
-def _set_current(micro, key):
-    tmp = micro / f".current-{os.getpid()}"
+def _set_pointer(micro, name, key):
+    tmp = micro / f".{name}-{os.getpid()}"
     tmp.write_text(key + "\n")
     tmp.chmod(0o444)
-    os.replace(tmp, micro / "current")
+    os.replace(tmp, micro / name)
 
 
-def _build(out, scratch, debs, key, progress):
-    """Everything of one image into ``out``; ``scratch`` takes the unpacked packages."""
-    unpacked = {}
-    for name, (deb, _) in debs.items():
-        unpacked[name] = scratch / name
-        run(["dpkg-deb", "-x", deb, unpacked[name]], timeout=300)
-    kernel_root, busybox = unpacked["kernel"], unpacked["busybox"] / "bin" / "busybox"
+def _kernel_files(kernel, out, scratch, debs_found):
+    """Put the kernel into ``out``; return (kernel_file, kernel_version, initrd entries or None)."""
+    if isinstance(kernel, lean.LeanKernel):
+        shutil.copyfile(kernel.vmlinux, out / "vmlinux")
+        return "vmlinux", kernel.release, None
+    kernel_root = scratch / "kernel"
+    run(["dpkg-deb", "-x", debs_found["kernel"][0], kernel_root], timeout=300)
     versions = [p.name for p in (kernel_root / "lib" / "modules").iterdir()]
     if len(versions) != 1:
-        raise ImageError(debs["kernel"][0], f"expected one kernel version, found {versions}")
-    kernel_version = versions[0]
-    kernel_file = _install_kernel(kernel_root / "boot" / f"vmlinuz-{kernel_version}", out, scratch)
-    progress("micro: writing the initramfs")
-    cpio = cpio_newc(initramfs_entries(kernel_root, kernel_version, busybox))
-    (out / "initrd.img").write_bytes(cpio)
+        raise ImageError(debs_found["kernel"][0], f"expected one kernel version, found {versions}")
+    version = versions[0]
+    kernel_file = pvh.install_kernel(kernel_root / "boot" / f"vmlinuz-{version}", out, scratch)
+    return kernel_file, version, kernel_root
+
+
+def _build(out, scratch, debs_found, kernel, key, progress):
+    """Everything of one image into ``out``; ``scratch`` takes the unpacked packages.
+    ``kernel``: a LeanKernel, or None for the stock kernel of ``debs_found["kernel"]``."""
+    run(["dpkg-deb", "-x", debs_found["busybox"][0], scratch / "busybox"], timeout=300)
+    busybox = scratch / "busybox" / "bin" / "busybox"
+    kernel_file, kernel_version, kernel_root = _kernel_files(kernel, out, scratch, debs_found)
+    flavour = "lean" if kernel_root is None else "stock"
+    if kernel_root is not None:
+        progress("micro: writing the initramfs")
+        cpio = cpio_newc(initramfs_entries(kernel_root, kernel_version, busybox))
+        (out / "initrd.img").write_bytes(cpio)
     progress("micro: making the root file system")
     root = scratch / "root"
     _populate_root(root, busybox)
     _make_root_qcow2(root, scratch, out / "root.qcow2", key)
     manifest = {
         "key": key, "builder_version": BUILDER_VERSION, "kernel_version": kernel_version,
-        "kernel_file": kernel_file,
-        "virtual_size": ROOT_SIZE, "base_format": "qcow2", "modules": list(MODULES),
-        "kernel_cmdline": KERNEL_CMDLINE,
-        "packages": {name: {"file": deb.name, "sha256": sha} for name, (deb, sha) in debs.items()},
+        "kernel_flavour": flavour, "kernel_file": kernel_file,
+        "initrd_file": "initrd.img" if kernel_root is not None else None,
+        "virtual_size": ROOT_SIZE, "base_format": "qcow2",
+        "modules": list(MODULES) if kernel_root is not None else [],
+        "kernel_cmdline": STOCK_CMDLINE if kernel_root is not None else LEAN_CMDLINE,
+        "packages": {name: {"file": deb.name, "sha256": sha} for name, (deb, sha) in debs_found.items()},
     }
+    if kernel is not None:
+        manifest["lean_kernel"] = kernel.key
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     for path in out.iterdir():
         path.chmod(0o444)
@@ -488,28 +376,43 @@ def _install(micro, staged, key, replace):
     return final
 
 
-def build_micro(workdir, progress=print, force=False):
+def build_micro(workdir, progress=print, force=False, kernel=DEFAULT_KERNEL, make_default=True,
+                kernel_cache=None):
     """Build (or find) the micro image for the current Debian packages; return its MicroImage.
+
+    ``kernel``: "lean" (compiled from linux-source once, see lean.py) or "stock" (Debian's cloud
+    kernel and an initramfs). The image becomes the current one of its flavour and, with
+    ``make_default``, what the image name "micro" boots. ``kernel_cache``: where lean kernels
+    are kept (default ``<workdir>/cache/kernel``; one cache can serve several work dirs).
 
     Cheap when nothing changed: apt's lists say which package versions are current, the cached
     .deb files are hashed, and an existing image with that key is returned as it is.
     """
+    check_kernel(kernel)
     cache, micro = _ensure_dirs(workdir)
-    debs = {name: _fetch(record, cache, progress) for name, record in _resolve(cache).items()}
-    key = _image_key(debs["kernel"][1], debs["busybox"][1])
+    debs_found = {name: debs.fetch(record, cache, progress) for name, record in _resolve(cache, kernel).items()}
+    built_kernel = None
+    if kernel == "lean":
+        built_kernel = lean.build_lean_kernel(cache, kernel_cache or Path(workdir) / "cache" / "kernel", progress)
+        kernel_id = built_kernel.key
+    else:
+        kernel_id = debs_found["kernel"][1]
+    key = _image_key(kernel, kernel_id, debs_found["busybox"][1])
     image = None if force else _load(micro / key)
     if image is None:
-        progress(f"micro: building image {key[:12]} from {debs['kernel'][0].name}")
+        progress(f"micro: building image {key[:12]} ({kernel} kernel)")
         _sweep(micro)
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=micro))
         try:
             out = staging / "out"
             out.mkdir()
-            _build(out, staging, debs, key, progress)
+            _build(out, staging, debs_found, built_kernel, key, progress)
             image = _load(_install(micro, out, key, replace=force))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if image is None:
             raise ImageError(micro / key, "the new build is incomplete")
-    _set_current(micro, key)
+    _set_pointer(micro, _pointer(kernel), key)
+    if make_default:
+        _set_pointer(micro, "current", key)
     return image

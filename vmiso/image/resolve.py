@@ -1,6 +1,7 @@
 """Turn a TaskSpec's ``image`` into a verified base to boot.
 
-``image`` is, in this order: "micro" (the embedded guest, direct kernel boot); the name of a
+``image`` is, in this order: "micro" (the embedded guest, direct kernel boot; "micro:lean" and
+"micro:stock" pick its kernel, see image/micro.py); the name of a
 stored base; the id of a stored base or a unique prefix of it (12 or more hex digits); or a path
 to a base image. Stored bases were verified when they were added and are checked cheaply again
 here (file stamp, header); a path is verified before every use. Nothing is ever probed.
@@ -26,8 +27,8 @@ class BootImage:
 
 
 def resolve(workdir, image, declared_format=None):
-    if image == "micro":
-        return _micro(workdir)
+    if image == "micro" or image.startswith("micro:"):
+        return _micro(workdir, flavour=image.partition(":")[2] or None)
     stored = store.verified(workdir.root, image)
     if stored is not None:
         return _stored(workdir, image, declared_format, *stored)
@@ -39,15 +40,19 @@ def resolve(workdir, image, declared_format=None):
     return BootImage(os.path.basename(path), path, info.format, info.virtual_size)
 
 
-def _micro(workdir, root=None):
-    """The micro guest; with ``root`` (a stored base) that root under micro's kernel and initrd."""
+def _micro(workdir, root=None, flavour=None):
+    """The micro guest (``flavour``: its kernel, None for the default); with ``root`` (a stored
+    base) that root under micro's kernel (and initrd)."""
     from . import micro
 
-    built = micro.find_micro(workdir.root)
+    name = "micro" if flavour is None else f"micro:{micro.check_kernel(flavour)}"
+    built = micro.find_micro(workdir.root, flavour)
     if built is None:
-        raise NotFound("image", "micro (build it once with 'vmiso image build-micro')")
-    name, base, base_format, size = root or ("micro", str(built.base), built.base_format, built.virtual_size)
-    return BootImage(name, base, base_format, size, str(built.kernel), str(built.initrd), micro.KERNEL_CMDLINE)
+        hint = "" if flavour is None else f" --kernel {flavour}"
+        raise NotFound("image", f"{name} (build it once with 'vmiso image build-micro{hint}')")
+    name, base, base_format, size = root or (name, str(built.base), built.base_format, built.virtual_size)
+    initrd = str(built.initrd) if built.initrd is not None else None
+    return BootImage(name, base, base_format, size, str(built.kernel), initrd, built.cmdline)
 
 
 def _stored(workdir, ref, declared_format, image, info):

@@ -445,17 +445,20 @@ def rm(workdir, ref):
 
 
 def _micro_garbage(root, used):
-    """Micro builds other than the current one that no container uses."""
+    """Micro builds that are no current one ("current", "current-<kernel>") and no container uses."""
     micro = root / "images" / "micro"
     try:
-        current = (micro / "current").read_text().strip()
+        current = {(micro / e.name).read_text().strip() for e in os.scandir(micro)
+                   if e.name == "current" or e.name.startswith("current-")}
         keys = [e.name for e in os.scandir(micro) if SHA_RE.fullmatch(e.name) and e.is_dir()]
     except OSError:
+        return []
+    if not current:
         return []
     found = []
     for key in keys:
         directory = micro / key
-        if key != current and not _micro_used(directory, used):
+        if key not in current and not _micro_used(directory, used):
             found.append(Collected("micro", key, str(directory), files.disk_bytes(directory)))
     return found
 

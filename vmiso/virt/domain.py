@@ -209,6 +209,6 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         # qboot starts a direct-boot kernel faster than SeaBIOS; disks need a real BIOS.
         firmware_rom=QBOOT_ROM if boot is not None and os.path.exists(QBOOT_ROM) else None,
         kernel=str(boot.kernel) if boot is not None else None,
-        initrd=str(boot.initrd) if boot is not None else None,
+        initrd=str(boot.initrd) if boot is not None and boot.initrd else None,
         cmdline=boot.cmdline if boot is not None else None,
     )

@@ -9,7 +9,7 @@ out=/dev/ttyS1
 err=/dev/ttyS2
 # Raw mode: no "\n" -> "\r\n" translation, so the host receives the task's bytes exactly.
 for tty in "$out" "$err"; do stty -F "$tty" raw -echo 2>/dev/null; done
-nonce=$(cat "$d/nonce")
+IFS= read -r nonce <"$d/nonce"  # a builtin: every fork counts under TCG
 
 # decode B64: sets $v to the decoded bytes, trailing newlines included (the x guards them).
 decode() { v=$(printf '%s' "$1" | base64 -d; echo x); v=${v%x}; }
