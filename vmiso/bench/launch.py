@@ -54,13 +54,13 @@ BASELINE_MARKS = (
 )
 
 
-def vmiso_once(iso, command, mem_mib=256):
+def vmiso_once(iso, command, mem_mib=256, image="micro"):
     """One launch through ``iso`` (an Isolator); {mark: ms since launch start}, plus "ok"."""
     cid = "bench-" + secrets.token_hex(4)
     watcher = MarkWatcher(iso.workdir.containers, cid, pidfile=f"{PID_DIR}/vmiso-{cid}.pid")
     watcher.start()
     watcher.ready.wait()
-    spec = TaskSpec(command=command, resources=Resources(mem_mib=mem_mib))
+    spec = TaskSpec(command=command, resources=Resources(mem_mib=mem_mib), image=image)
     timeline, ok, qemu = {}, False, None
     try:
         iso.launch(cid, spec)
@@ -238,8 +238,9 @@ def _pool(jobs, concurrency):
 
 
 def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/var/lib/vmiso",
-        mem_mib=256, progress=True, isolator=None):
-    """Measure; return the result object (see summarize)."""
+        mem_mib=256, progress=True, isolator=None, image="micro"):
+    """Measure; return the result object (see summarize). ``image``: "micro", "micro:lean" or
+    "micro:stock" (the prototype path boots the same kernel)."""
     from ..image.resolve import resolve
     from ..isolator import Isolator
 
@@ -248,14 +249,12 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
     show = Progress({"vmiso": n, "baseline": n if with_baseline else 0}, enabled=progress)
     try:
         iso.host.conn()  # connect once, before the first launch is timed
-        vm_job = _job(lambda: vmiso_once(iso, command, mem_mib), "vmiso", show)
+        boot = resolve(iso.workdir, image)  # NotFound, with the command to build it, if it is not
+        built = micro_mod.find_micro(iso.workdir.root, image.partition(":")[2] or None)
+        vm_job = _job(lambda: vmiso_once(iso, command, mem_mib, image), "vmiso", show)
         base_job = None
         if with_baseline:
-            built = micro_mod.find_micro(iso.workdir.root)
-            if built is None:
-                raise RuntimeError("micro is not built: run 'vmiso image build-micro'")
             base = prototype.base_image(iso.workdir.root, built, progress=show.note)
-            boot = resolve(iso.workdir, "micro")
             conn = iso.host.conn()
             prototype.remove_leftovers(conn)
             base_job = _job(lambda: baseline_once(conn, iso.workdir.root, base, boot, iso.accel, command,
@@ -274,7 +273,9 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
         show.close()
         if isolator is None:
             iso.host.close()
-    return summarize(vm, base, wall, base_wall, concurrency)
+    result = summarize(vm, base, wall, base_wall, concurrency)
+    result.update(image=image, kernel=f"{built.kernel_flavour} {built.kernel_version}")
+    return result
 
 
 def _job(fn, kind, progress):
@@ -287,7 +288,8 @@ def _job(fn, kind, progress):
 
 def report(result):
     """The result as a table an operator reads: per phase median and p90, then the totals."""
-    lines = [f"launch latency, {result['n']} launches of the task, concurrency {result['concurrency']}"
+    lines = [f"launch latency, {result['n']} launches of the task on {result.get('image', 'micro')} "
+             f"({result.get('kernel', '?')} kernel), concurrency {result['concurrency']}"
              f"{', ' + str(result['failures']) + ' FAILED' if result['failures'] else ''}",
              f"  {'phase':<44} {'median ms':>10} {'p90 ms':>10}"]
     labels = {phase: label for _m, phase, label in VMISO_MARKS}

@@ -21,6 +21,8 @@ def register_bench(bsub):
     p.add_argument("--json", action="store_true", help="print the result object as JSON")
     p.add_argument("--plot", metavar="FILE.svg", help="write a waterfall of every launch's phases")
     p.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest memory (default 256)")
+    p.add_argument("--image", default="micro", choices=("micro", "micro:lean", "micro:stock"),
+                   help="the micro build to boot (default micro; micro:stock compares Debian's kernel)")
     p.add_argument("--command", nargs="+", default=["true"], metavar="ARG",
                    help="the task's command (default: true)")
     p.set_defaults(func=launch)
@@ -31,7 +33,7 @@ def launch(args):
 
     result = scenario.run(n=args.n, concurrency=args.concurrency, with_baseline=args.baseline,
                           command=args.command, workdir=args.workdir, mem_mib=args.mem,
-                          progress=True)
+                          progress=True, image=args.image)
     if args.plot:
         from ..bench import plot
 
