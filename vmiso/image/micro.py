@@ -75,7 +75,6 @@ STOCK_CMDLINE = _COMMON_CMDLINE + " rdinit=/init i8042.noaux i8042.nokbd i8042.n
 # PIT drives the tick instead and the other vCPUs get it by broadcast (sleep 2 takes 2 s with
 # 2 vCPUs, measured). Revisit on KVM hosts, where the APIC timer is cheap.
 LEAN_CMDLINE = _COMMON_CMDLINE + " root=/dev/vda rootfstype=ext4 rw noapictimer"
-KERNEL_CMDLINE = STOCK_CMDLINE  # the micro kernel's command line before there was a choice
 GUEST_SCRIPTS = ("initramfs-init", "micro-init")
 _RECIPE = repr((BUILDER_VERSION, MODULES, ROOT_SIZE, MKE2FS_OPTIONS, STOCK_CMDLINE, LEAN_CMDLINE))
 
