@@ -448,6 +448,29 @@ def test_gc_collects_what_nothing_names_or_uses(work, base, tmp_path):
     assert store.gc(work) == []
 
 
+def test_gc_collects_lean_kernels_no_remaining_micro_build_was_made_from(work):
+    cur, old, stock = "b" * 64, "a" * 64, "e" * 64
+    k_cur, k_old, k_orphan, k_young = ("1" * 64, "2" * 64, "3" * 64, "4" * 64)
+    micro = _micro(work, (cur, old, stock), current=cur)
+    (micro / "current-stock").write_text(stock + "\n")
+    for key, kernel in ((cur, k_cur), (old, k_old), (stock, None)):
+        manifest = {"key": key, "kernel_file": "vmlinux", "kernel_version": "6.1", "virtual_size": MIB}
+        if kernel:
+            manifest["lean_kernel"] = kernel
+        (micro / key / "manifest.json").write_text(json.dumps(manifest))
+    cache = work / "cache" / "kernel"
+    for kernel in (k_cur, k_old, k_orphan, k_young):
+        (cache / kernel).mkdir(parents=True)
+        (cache / kernel / "vmlinux").write_bytes(b"x" * 4096)
+        if kernel != k_young:  # a build in progress writes its kernel an instant before its image
+            os.utime(cache / kernel, (time.time() - 7200,) * 2)
+
+    found = {(c.kind, c.id) for c in store.gc(work)}
+    assert found == {("micro", old), ("kernel", k_old), ("kernel", k_orphan)}
+    assert sorted(p.name for p in cache.iterdir()) == sorted((k_cur, k_young))
+    assert (micro / cur).exists() and (micro / stock).exists()
+
+
 def test_gc_on_an_empty_work_directory(tmp_path):
     assert store.gc(tmp_path / "nothing") == []
     assert not (tmp_path / "nothing").exists()

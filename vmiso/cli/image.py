@@ -133,7 +133,8 @@ def gc(args):
     found = store.gc(args.workdir, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for c in found:
-        print(f"{verb} {c.kind} {c.id[:12] if c.kind in ('store', 'micro') else c.id}  {_size(c.bytes)}  {c.path}")
+        ident = c.id[:12] if c.kind in ("store", "micro", "kernel") else c.id
+        print(f"{verb} {c.kind} {ident}  {_size(c.bytes)}  {c.path}")
     total = sum(c.bytes for c in found)
     print(f"{verb} {len(found)} item(s), {_size(total)} on disk")
     return 0

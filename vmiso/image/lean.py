@@ -145,7 +145,7 @@ def build_lean_kernel(debs_cache, kernel_cache, progress=print):
 def _sweep(kernel_cache):
     """Builds a killed process left behind (the lock is free, so none of them is running)."""
     for entry in os.scandir(kernel_cache):
-        if entry.name.startswith(".build-") and entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith((".build-", ".rm-")) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 

@@ -80,7 +80,7 @@ class Added:
 
 @dataclass(frozen=True)
 class Collected:
-    kind: str  # "store", "micro", "name" (dangling) or "partial" (a killed add's leftovers)
+    kind: str  # "store", "micro", "kernel", "name" (dangling) or "partial" (a killed add's leftovers)
     id: str
     path: str
     bytes: int
@@ -463,6 +463,28 @@ def _micro_garbage(root, used):
     return found
 
 
+def _kernel_garbage(root, micro_garbage, min_age=3600):
+    """Lean kernels (cache/kernel/<key>) that no micro build kept after this gc was made from.
+    Micro builds hold a copy of their kernel, so this only costs a recompile if one is needed
+    again; one younger than ``min_age`` may belong to a build still in progress and stays."""
+    cache = root / "cache" / "kernel"
+    dropped = {c.id for c in micro_garbage}
+    wanted = set()
+    try:
+        for entry in os.scandir(root / "images" / "micro"):
+            if SHA_RE.fullmatch(entry.name) and entry.name not in dropped:
+                try:
+                    manifest = json.loads(Path(entry.path, "manifest.json").read_text())
+                except (OSError, ValueError):
+                    return []  # a build we cannot read: keep every kernel
+                wanted.add(manifest.get("lean_kernel"))
+        kernels = [e for e in os.scandir(cache) if SHA_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    return [Collected("kernel", e.name, e.path, files.disk_bytes(e.path)) for e in kernels
+            if e.name not in wanted and time.time() - e.stat().st_mtime > min_age]
+
+
 def _micro_used(directory, used):
     try:
         return any(inuse.users_of(p, used) for p in directory.iterdir())
@@ -485,8 +507,9 @@ def _partial_garbage(directory):
 
 
 def gc(workdir, dry_run=False):
-    """Remove unnamed stored bases and old micro builds that no live container uses, names that
-    point at nothing, and what killed adds left. Returns what was (or would be) removed."""
+    """Remove unnamed stored bases and old micro builds that no live container uses, lean kernels
+    no remaining micro build was made from, names that point at nothing, and what killed adds
+    left. Returns what was (or would be) removed."""
     root = _root(workdir)
     if not (root / "images").is_dir():
         return []
@@ -501,7 +524,9 @@ def gc(workdir, dry_run=False):
             if not image.names and not inuse.users_of(image.path, used):
                 found.append(Collected("store", image.sha256, str(store / image.sha256),
                                        files.disk_bytes(store / image.sha256)))
-        found += _micro_garbage(root, used) + _partial_garbage(store) + _partial_garbage(root / "images" / "micro")
+        micro = _micro_garbage(root, used)
+        found += micro + _kernel_garbage(root, micro)
+        found += _partial_garbage(store) + _partial_garbage(root / "images" / "micro")
         if not dry_run:
             _collect(root, names, found)
     return found
@@ -512,7 +537,7 @@ def _collect(root, names, found):
     if dangling:
         _write_names(root, {n: s for n, s in names.items() if n not in dangling})
     for c in found:
-        if c.kind in ("store", "micro"):
+        if c.kind in ("store", "micro", "kernel"):
             files.remove_tree(c.path)
         elif c.kind == "partial":
             shutil.rmtree(c.path, ignore_errors=True)
