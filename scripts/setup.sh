@@ -12,7 +12,7 @@ DEB_PACKAGES=(
   cloud-init kmod lz4
   slurm-wlm munge tini genisoimage
   # the lean micro kernel is compiled from Debian's linux-source (vmiso/image/lean.py)
-  gcc make flex bison bc libelf-dev libssl-dev xz-utils patch
+  gcc libc6-dev make flex bison bc perl libelf-dev libssl-dev xz-utils patch
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -113,7 +113,8 @@ def _load(directory):
 def build_lean_kernel(debs_cache, kernel_cache, progress=print):
     """The cached lean kernel for the current ``linux-source``, compiled first if needed."""
     kernel_cache = Path(kernel_cache)
-    kernel_cache.mkdir(parents=True, exist_ok=True)
+    for directory in (Path(debs_cache), kernel_cache):
+        directory.mkdir(parents=True, exist_ok=True)
     record = _source_record(debs_cache)
     # apt's SHA256 names the source without downloading (or hashing 140 MB) when it is built.
     source_sha = record.get("SHA256") or debs.fetch(record, debs_cache, progress)[1]
