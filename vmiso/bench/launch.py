@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+from ..errors import NotFound
 from ..image import micro as micro_mod
 from ..spec import Resources, TaskSpec
 from . import baseline as prototype
@@ -241,7 +242,6 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
         mem_mib=256, progress=True, isolator=None, image="micro"):
     """Measure; return the result object (see summarize). ``image``: "micro", "micro:lean" or
     "micro:stock" (the prototype path boots the same kernel)."""
-    from ..image.resolve import resolve
     from ..isolator import Isolator
 
     command = [a if isinstance(a, bytes) else os.fsencode(a) for a in command]
@@ -249,15 +249,18 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
     show = Progress({"vmiso": n, "baseline": n if with_baseline else 0}, enabled=progress)
     try:
         iso.host.conn()  # connect once, before the first launch is timed
-        boot = resolve(iso.workdir, image)  # NotFound, with the command to build it, if it is not
-        built = micro_mod.find_micro(iso.workdir.root, image.partition(":")[2] or None)
+        flavour = image.partition(":")[2] or None
+        built = micro_mod.find_micro(iso.workdir.root, flavour)  # InvalidSpec for an unknown kernel
+        if built is None:
+            raise NotFound("image", f"{image} (build it once with 'vmiso image build-micro"
+                                    f"{' --kernel ' + flavour if flavour else ''}')")
         vm_job = _job(lambda: vmiso_once(iso, command, mem_mib, image), "vmiso", show)
         base_job = None
         if with_baseline:
             base = prototype.base_image(iso.workdir.root, built, progress=show.note)
             conn = iso.host.conn()
             prototype.remove_leftovers(conn)
-            base_job = _job(lambda: baseline_once(conn, iso.workdir.root, base, boot, iso.accel, command,
+            base_job = _job(lambda: baseline_once(conn, iso.workdir.root, base, built, iso.accel, command,
                                                   mem_mib), "baseline", show)
         show.show("starting")
         if concurrency == 1:

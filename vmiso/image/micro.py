@@ -310,8 +310,9 @@ def _set_pointer(micro, name, key):
 
 
 def _kernel_files(kernel, out, scratch, debs_found):
-    """Put the kernel into ``out``; return (kernel_file, kernel_version, initrd entries or None)."""
-    if isinstance(kernel, lean.LeanKernel):
+    """Put the kernel into ``out``; return (kernel_file, kernel_version, the unpacked stock kernel
+    package or None for a lean kernel)."""
+    if kernel is not None:
         shutil.copyfile(kernel.vmlinux, out / "vmlinux")
         return "vmlinux", kernel.release, None
     kernel_root = scratch / "kernel"
@@ -330,8 +331,8 @@ def _build(out, scratch, debs_found, kernel, key, progress):
     run(["dpkg-deb", "-x", debs_found["busybox"][0], scratch / "busybox"], timeout=300)
     busybox = scratch / "busybox" / "bin" / "busybox"
     kernel_file, kernel_version, kernel_root = _kernel_files(kernel, out, scratch, debs_found)
-    flavour = "lean" if kernel_root is None else "stock"
-    if kernel_root is not None:
+    stock = kernel is None
+    if stock:
         progress("micro: writing the initramfs")
         cpio = cpio_newc(initramfs_entries(kernel_root, kernel_version, busybox))
         (out / "initrd.img").write_bytes(cpio)
@@ -341,14 +342,14 @@ def _build(out, scratch, debs_found, kernel, key, progress):
     _make_root_qcow2(root, scratch, out / "root.qcow2", key)
     manifest = {
         "key": key, "builder_version": BUILDER_VERSION, "kernel_version": kernel_version,
-        "kernel_flavour": flavour, "kernel_file": kernel_file,
-        "initrd_file": "initrd.img" if kernel_root is not None else None,
+        "kernel_flavour": "stock" if stock else "lean", "kernel_file": kernel_file,
+        "initrd_file": "initrd.img" if stock else None,
         "virtual_size": ROOT_SIZE, "base_format": "qcow2",
-        "modules": list(MODULES) if kernel_root is not None else [],
-        "kernel_cmdline": STOCK_CMDLINE if kernel_root is not None else LEAN_CMDLINE,
+        "modules": list(MODULES) if stock else [],
+        "kernel_cmdline": STOCK_CMDLINE if stock else LEAN_CMDLINE,
         "packages": {name: {"file": deb.name, "sha256": sha} for name, (deb, sha) in debs_found.items()},
     }
-    if kernel is not None:
+    if not stock:
         manifest["lean_kernel"] = kernel.key
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     for path in out.iterdir():
