@@ -29,7 +29,7 @@ from .spec import (
     validate_container_id,
 )
 from .virt import accel as accel_mod
-from .virt import channel, domain
+from .virt import channel, cpuprobe, domain
 from .virt.host import DEFAULT_URI, Host
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,13 @@ class Isolator:
     carry this agent's id, so two agents on one host never kill each other's VMs.
     """
 
-    def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso"):
+    def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso",
+                 cpu_probe=None):
         self.workdir = Workdir(workdir)
         self.host = Host(uri)
         self.accel = accel_mod.choose(accel)
+        self._cpu_probe_wanted = cpuprobe.setting(cpu_probe)  # "quick" or "full" (virt/cpuprobe.py)
+        self._cpu_probe = None
         self.agent_id = agent_id
         self.host.on_reconnect = self._reconcile_all
         self._containers = {}
@@ -159,6 +162,12 @@ class Isolator:
         """When each named step of this container's launch completed (time.monotonic())."""
         return dict(self._get(container_id).timeline)
 
+    def cpu_probe(self):
+        """How libvirt reads each new guest's CPU on this host (virt/cpuprobe.py); asked once."""
+        if self._cpu_probe is None:
+            self._cpu_probe = cpuprobe.choose(*self.host.versions(), wanted=self._cpu_probe_wanted)
+        return self._cpu_probe
+
     def _domain_xml(self, c, spec, image):
         extra = c.checkpoint.extra
         nics = [domain.Interface(extra["tap"], extra["mac"])] if "tap" in extra else []
@@ -167,7 +176,7 @@ class Isolator:
             overlay=c.path(OVERLAY), base=image.base, base_format=image.base_format, seed=c.path(SEED),
             logs=(c.path(CONSOLE_LOG), c.path(STDOUT), c.path(STDERR)),
             metadata={"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id},
-            boot=image if image.kernel else None, interfaces=nics,
+            boot=image if image.kernel else None, interfaces=nics, quick_cpu_probe=self.cpu_probe().quick,
         )
         return config.to_xml()
 

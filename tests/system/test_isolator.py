@@ -61,3 +61,36 @@ def test_failed_launch_leaves_nothing(iso, cid, point, monkeypatch):
     iso.launch(cid, TaskSpec(["true"]))  # the id is free again
     assert iso.wait(cid, timeout=60).exit_code == 0
     iso.destroy(cid)
+
+
+def test_quick_cpu_probe_changes_nothing_the_guest_sees(workdir, cid):
+    """virt/cpuprobe.py: libvirt keeps the capability removal in the live XML, and a guest started
+    with the quick probe sees the same CPU flags as one started with libvirt's full probe."""
+    import xml.etree.ElementTree as ET
+
+    from vmiso import Isolator
+    from vmiso.virt import cpuprobe, domain
+
+    from .conftest import AGENT
+
+    seen = {}
+    for wanted, name in (("quick", cid), ("full", cid + "b")):  # the cid fixture checks both
+        iso = Isolator(workdir=workdir, agent_id=AGENT, cpu_probe=wanted)
+        try:
+            assert iso.cpu_probe().quick == (wanted == "quick")  # libvirt 9 + QEMU 7.2 here
+            iso.launch(name, TaskSpec.shell("grep -m1 '^flags' /proc/cpuinfo; sleep 120"))
+            live = ET.fromstring(iso.host.lookup(f"vmiso-{name}").XMLDesc())
+            ns = domain.QEMU_NS
+            dels = [el.get("capability") for el in live.findall(f"{{{ns}}}capabilities/{{{ns}}}del")]
+            assert dels == ([cpuprobe.CAPABILITY] if wanted == "quick" else [])
+            out = b""
+            for stream, data in iso.output(name):
+                out += data if stream == "stdout" else b""
+                if out.endswith(b"\n"):
+                    break
+            seen[wanted] = out
+            iso.destroy(name, grace=0)
+        finally:
+            iso.host.close()
+    assert seen["quick"].startswith(b"flags") and len(seen["quick"].split()) > 10
+    assert seen["quick"] == seen["full"]

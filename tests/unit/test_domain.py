@@ -9,8 +9,8 @@ from vmiso.virt.accel import Accel
 BOOT = SimpleNamespace(kernel="/img/vmlinuz", initrd="/img/initrd.img", cmdline="console=ttyS0 quiet")
 
 
-def design(resources=None, boot=BOOT, container="c1"):
-    return domain.design(
+def design(resources=None, boot=BOOT, container="c1", **extra):
+    return domain.design(**extra,
         name="vmiso-" + container, uuid="5f0e6c2e-0000-4000-8000-000000000001", accel=Accel("tcg", "test"),
         resources=resources or Resources(), overlay="/w/c/overlay.qcow2", base="/w/images/base.qcow2",
         base_format="qcow2",

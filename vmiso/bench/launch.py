@@ -277,7 +277,8 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
         if isolator is None:
             iso.host.close()
     result = summarize(vm, base, wall, base_wall, concurrency)
-    result.update(image=image, kernel=f"{built.kernel_flavour} {built.kernel_version}")
+    result.update(image=image, kernel=f"{built.kernel_flavour} {built.kernel_version}",
+                  cpu_probe="quick" if iso.cpu_probe().quick else "full")
     return result
 
 
@@ -292,7 +293,8 @@ def _job(fn, kind, progress):
 def report(result):
     """The result as a table an operator reads: per phase median and p90, then the totals."""
     lines = [f"launch latency, {result['n']} launches of the task on {result.get('image', 'micro')} "
-             f"({result.get('kernel', '?')} kernel), concurrency {result['concurrency']}"
+             f"({result.get('kernel', '?')} kernel, {result.get('cpu_probe', '?')} CPU probe), "
+             f"concurrency {result['concurrency']}"
              f"{', ' + str(result['failures']) + ' FAILED' if result['failures'] else ''}",
              f"  {'phase':<44} {'median ms':>10} {'p90 ms':>10}"]
     labels = {phase: label for _m, phase, label in VMISO_MARKS}

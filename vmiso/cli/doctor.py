@@ -19,7 +19,7 @@ def checks(args):
     yield from _tools()
     yield _kvm_device()
     yield _accelerator(args)
-    yield _libvirt(args)
+    yield from _libvirt(args)
     yield _micro(args)
 
 
@@ -55,6 +55,7 @@ def _accelerator(args):
 
 def _libvirt(args):
     from ..errors import VmisoError
+    from ..virt import cpuprobe
     from ..virt.host import Host
 
     host = Host(args.uri)
@@ -63,10 +64,16 @@ def _libvirt(args):
         version = conn.getLibVersion()
         hv = conn.getVersion()
     except VmisoError as err:
-        return ("libvirt", FAIL, f"{err}. Start it: virtlogd -d && libvirtd -d (or systemctl start libvirtd)")
+        return [("libvirt", FAIL, f"{err}. Start it: virtlogd -d && libvirtd -d (or systemctl start libvirtd)")]
     finally:
         host.close()
-    return ("libvirt", OK, f"{args.uri}: libvirt {_ver(version)}, QEMU {_ver(hv)}")
+    rows = [("libvirt", OK, f"{args.uri}: libvirt {_ver(version)}, QEMU {_ver(hv)}")]
+    try:
+        probe = cpuprobe.choose(version, hv, wanted=cpuprobe.setting())
+        rows.append(("cpu probe", OK, ("quick: " if probe.quick else "full: ") + probe.reason))
+    except VmisoError as err:
+        rows.append(("cpu probe", FAIL, str(err)))
+    return rows
 
 
 def _micro(args):

@@ -9,8 +9,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import cpuprobe
+
 METADATA_NS = "https://vmiso.dev/xmlns/instance/1"
 METADATA_PREFIX = "vmiso"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # libvirt's QEMU-specific extensions
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 CPU_PERIOD_US = 100_000
 # A virtio balloon lets update() change guest memory live (a guest without the driver ignores it).
@@ -62,6 +65,8 @@ class DomainConfig:
     # device for the guest kernel to probe and set up (they hot-plug nothing a task VM needs).
     root_bus_devices: bool = False
     lean_platform: bool = False  # no HPET, no VMware I/O port, no PMU: nothing a task VM uses
+    # QEMU capabilities libvirt must act as if this QEMU lacked (virt/cpuprobe.py says why).
+    dropped_qemu_caps: tuple = ()
 
     def to_xml(self):
         return ET.tostring(self.to_element(), encoding="unicode")
@@ -92,6 +97,11 @@ class DomainConfig:
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             _text(root, event, "destroy")  # a task VM never reboots: any of these ends it
         root.append(self._devices_element())
+        if self.dropped_qemu_caps:
+            ET.register_namespace("qemu", QEMU_NS)
+            caps = ET.SubElement(root, f"{{{QEMU_NS}}}capabilities")
+            for cap in self.dropped_qemu_caps:
+                ET.SubElement(caps, f"{{{QEMU_NS}}}del", capability=cap)
         return root
 
     def _metadata_element(self):
@@ -188,9 +198,10 @@ def parse_metadata(xml_text):
 
 
 def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot,
-           interfaces=()):
+           interfaces=(), quick_cpu_probe=False):
     """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
-    and cmdline for direct kernel boot, or None to boot the disk (a cloud image)."""
+    and cmdline for direct kernel boot, or None to boot the disk (a cloud image).
+    ``quick_cpu_probe``: the host's cpuprobe.choose() said yes."""
     quota = None
     if resources.cpus != resources.vcpus:
         quota = int(round(resources.cpus * CPU_PERIOD_US))
@@ -211,4 +222,5 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         kernel=str(boot.kernel) if boot is not None else None,
         initrd=str(boot.initrd) if boot is not None and boot.initrd else None,
         cmdline=boot.cmdline if boot is not None else None,
+        dropped_qemu_caps=(cpuprobe.CAPABILITY,) if quick_cpu_probe else (),
     )

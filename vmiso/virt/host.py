@@ -191,6 +191,14 @@ class Host:
                 log.exception("lifecycle handler for %s failed", dom.name())
 
     # --- domains ----------------------------------------------------------------------------
+    def versions(self):
+        """(libvirt's version, the hypervisor's version), as libvirt's integers."""
+        try:
+            conn = self.conn()
+            return conn.getLibVersion(), conn.getVersion()
+        except libvirt.libvirtError as err:
+            raise translate(err, "cannot read libvirt's and QEMU's versions") from err
+
     def create(self, xml):
         """Start a transient domain (not AUTODESTROY: VMs outlive the agent)."""
         try:
