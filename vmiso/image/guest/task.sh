@@ -3,7 +3,8 @@
 # Usage: task.sh DIR. DIR holds the task as data, never as shell text: argv and env are files of
 # base64 lines (one argument / one NAME=VALUE each), nonce is this launch's random marker.
 # The task's stdout goes to the task channel (/dev/ttyS1), its stderr to /dev/ttyS2; the last
-# thing written to the task channel is "VMISO-<nonce> EXIT <code>\n"; then the VM powers off.
+# thing written to the task channel is "VMISO-<nonce> EXIT <code>\n"; then the VM powers off (or
+# resets, without ACPI).
 d=${1:?usage: task.sh DIR}
 out=/dev/ttyS1
 err=/dev/ttyS2
@@ -33,4 +34,7 @@ printf 'VMISO-%s EXIT %d\n' "$nonce" "$code" >"$out"
 stty -F "$out" raw 2>/dev/null
 stty -F "$err" raw 2>/dev/null
 sync
-poweroff -f
+# A kernel without ACPI (micro's lean one) cannot power off, only halt: it resets instead, and
+# vmiso's domains (on_reboot=destroy) end on a reset just as on a power-off.
+[ -d /sys/firmware/acpi ] && poweroff -f
+reboot -f
