@@ -156,6 +156,8 @@ def test_doctor_names_the_accelerator_and_why(workdir):
         has_vt = any(flag in f.read().split() for flag in ("vmx", "svm"))
     assert ("KVM" if has_vt else "TCG") in line
     assert "vmx/svm" in line or "KVM API" in line
+    probe = next(line for line in out.splitlines() if "cpu probe" in line)
+    assert "quick:" in probe and "VMISO_CPU_PROBE=full" in probe  # libvirt 9 + QEMU 7.2 here
 
 
 def test_virsh_sees_our_metadata(workdir, cid):
@@ -176,3 +178,20 @@ def test_largest_argument_and_non_utf8_bytes_arrive_intact(workdir, cid):
     digest, rest = proc.stdout.split(b"  -\n")
     assert digest.decode() == hashlib.sha256(big.encode()).hexdigest()
     assert rest == b"\xff\xfe-\x80"
+
+
+LIBVIRTD_LOG = "/var/log/libvirt/libvirtd-vmiso.log"  # where scripts/daemons.sh sends it
+
+
+@pytest.mark.skipif(not os.path.exists(LIBVIRTD_LOG), reason="libvirtd logs elsewhere (systemd)")
+def test_cli_leaves_no_dropped_connection_in_libvirtds_log(workdir, cid):
+    """Each command closes its libvirt connection: one dropped by process exit makes libvirtd log
+    an error, and an operator reading that log would see one per task."""
+    start = os.path.getsize(LIBVIRTD_LOG)
+    assert vmiso_cli("run", "--name", cid, "--", "true").returncode == 0
+    assert vmiso_cli("ps").returncode == 0
+    time.sleep(0.5)  # libvirtd notices a dropped client from its event loop
+    with open(LIBVIRTD_LOG, "rb") as f:
+        f.seek(start)
+        new = f.read().decode(errors="replace")
+    assert "End of file while reading data" not in new, new

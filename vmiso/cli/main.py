@@ -61,13 +61,27 @@ def main(argv=None):
         return EXIT_VMISO_ERROR
     except KeyboardInterrupt:
         return 130
+    finally:
+        _close_isolators()
+
+
+_OPENED = []  # the Isolators this command made
 
 
 def isolator(args):
     """The Isolator the CLI's arguments describe (imported late: --help needs no libvirt)."""
     from ..isolator import Isolator
 
-    return Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel)
+    iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel)
+    _OPENED.append(iso)
+    return iso
+
+
+def _close_isolators():
+    """Close their libvirt connections before exiting: a connection dropped by process exit makes
+    libvirtd log an "End of file while reading data" error for every command."""
+    while _OPENED:
+        _OPENED.pop().host.close()
 
 
 if __name__ == "__main__":
