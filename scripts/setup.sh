@@ -11,8 +11,9 @@ DEB_PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs nftables iproute2
   cloud-init kmod lz4
   slurm-wlm munge tini genisoimage
-  # the lean micro kernel is compiled from Debian's linux-source (vmiso/image/lean.py)
-  gcc libc6-dev make flex bison bc perl libelf-dev libssl-dev xz-utils patch
+  # the lean micro kernel is compiled from Debian's linux-source (vmiso/image/lean.py), then
+  # stripped (strip, from binutils) into the micro image
+  gcc libc6-dev make flex bison bc perl libelf-dev libssl-dev xz-utils patch binutils
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -43,7 +43,7 @@ from .._proc import run
 from ..errors import ImageError, InvalidSpec
 from . import debs, lean, pvh
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 KERNELS = ("lean", "stock")  # what build_micro(kernel=...) takes; see the module's docstring
 DEFAULT_KERNEL = "lean"
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
@@ -316,7 +316,9 @@ def _kernel_files(kernel, out, scratch, debs_found):
     """Put the kernel into ``out``; return (kernel_file, kernel_version, the unpacked stock kernel
     package or None for a lean kernel)."""
     if kernel is not None:
-        shutil.copyfile(kernel.vmlinux, out / "vmlinux")
+        # Without its symbol table: QEMU reads and sorts the symbols of every -kernel it loads
+        # (QEMU exec -> QMP ready 37 -> 30 ms, medians of 9). The cache keeps the full vmlinux.
+        run(["strip", "--strip-all", "-o", out / "vmlinux", kernel.vmlinux], timeout=120)
         return "vmlinux", kernel.release, None
     kernel_root = scratch / "kernel"
     run(["dpkg-deb", "-x", debs_found["kernel"][0], kernel_root], timeout=300)
