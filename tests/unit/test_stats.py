@@ -125,6 +125,20 @@ def test_open_errors_and_bad_entries(impl, tmp_path):
         impl.read_batch([impl.VM("x", [])], array.array("q", b""))
 
 
+def test_initialising_a_reader_again_closes_its_files(impl, tmp_path):
+    (tmp_path / "a").write_text("1\n")
+    (tmp_path / "b").write_text("2\n")
+    fds = len(os.listdir("/proc/self/fd"))
+    vm = impl.VM("x", [(str(tmp_path / "a"), impl.K_INT, impl.F_MEM_CURRENT)])
+    assert len(os.listdir("/proc/self/fd")) == fds + 1
+    vm.__init__("y", [(str(tmp_path / "b"), impl.K_INT, impl.F_MEM_CURRENT)])
+    assert len(os.listdir("/proc/self/fd")) == fds + 1 and vm.key == "y" and not vm.closed
+    out = array.array("q", bytes(8 * impl.NFIELDS))
+    assert impl.read_batch([vm], out) == [] and out[impl.F_MEM_CURRENT] == 2  # reads the new file
+    vm.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_proc_stat_with_a_nasty_command_name(impl, tmp_path):
     stat = tmp_path / "stat"
     stat.write_text(tree.STAT.format(pid=7, utime=11, stime=22, threads=3, rss=44).replace(

@@ -378,6 +378,8 @@ cdef class VM:
         self.is_closed = True
 
     def __init__(self, key, entries, tap=None):
+        if not self.is_closed:  # initialised again: the files it holds are closed, not leaked
+            self.close()
         entries = list(entries)
         if len(entries) > C_MAX_FILES:
             raise ValueError(f"at most {MAX_FILES} files per VM")

@@ -73,6 +73,8 @@ class VM:
     stays open then)."""
 
     def __init__(self, key, entries, tap=None):
+        if getattr(self, "_files", None) is not None:  # initialised again: close, do not leak
+            self.close()
         entries = list(entries)
         if len(entries) > MAX_FILES:
             raise ValueError(f"at most {MAX_FILES} files per VM")
