@@ -235,10 +235,13 @@ def test_collector_rereads_limits_on_invalidate_and_after_the_ttl(impl, tmp_path
     collector.invalidate(targets[0].key)  # what update() does
     collector.invalidate("unknown")
     assert cpus_limits() == ([0.2, 0.5], set())
-    now[0] += usage.LIMITS_TTL - 0.01
-    assert cpus_limits() == ([0.2, 0.5], set())
-    now[0] += 0.01  # a change behind vmiso's back shows within LIMITS_TTL
+    now[0] += usage.LIMITS_TTL  # a change behind vmiso's back shows within LIMITS_TTL
     assert cpus_limits() == ([0.2, 0.3], set())
+    set_quotas("20000\n", "35000\n")
+    now[0] += usage.LIMITS_TTL - 0.01  # and, once re-read, is kept for LIMITS_TTL
+    assert cpus_limits() == ([0.2, 0.3], set())
+    now[0] += 0.01
+    assert cpus_limits() == ([0.2, 0.35], set())
     # A VM whose limits cannot be re-read is that VM's error; its files are opened afresh next time.
     set_quotas("20000\n", "")
     collector.invalidate(targets[1].key)
@@ -246,6 +249,22 @@ def test_collector_rereads_limits_on_invalidate_and_after_the_ttl(impl, tmp_path
     assert set(stats) == {targets[0].key} and "the VM is gone" in str(errors[targets[1].key])
     set_quotas("20000\n", "40000\n")
     assert cpus_limits() == ([0.2, 0.4], set())
+    collector.close()
+
+
+def test_vms_opened_together_spread_their_limit_rereads(tmp_path):
+    targets = tree.make_tree(str(tmp_path), 100)
+    now = [0.0]
+    collector = Collector(proc=f"{tmp_path}/proc", clock=lambda: now[0])
+    collector.read(targets)  # opens all 100 at t=0, reading their limits
+    per_second = []
+    for _ in range(int(usage.LIMITS_TTL)):
+        before = {key: held.limits_at for key, held in collector._open.items()}
+        now[0] += 1.0
+        collector.read(targets)
+        per_second.append(sum(collector._open[k].limits_at != before[k] for k in before))
+    assert sum(per_second) >= len(targets)  # every VM re-read within LIMITS_TTL
+    assert max(per_second) <= len(targets) // 2, per_second  # not all in one poll
     collector.close()
 
 

@@ -20,14 +20,17 @@ VM's files are opened and kept (the K_LIMIT files of _fast/stats_py.py). ``inval
 marks one VM's kept limits stale, so the next read re-reads them first: vmiso's own update()
 calls it, and what update() changed shows in the very next usage(). A change made behind vmiso's
 back (``virsh schedinfo``/``virsh memtune`` by hand) shows within LIMITS_TTL seconds, after which
-every VM's limits are re-read. (v1's memory limit, ``hierarchical_memory_limit``, comes with
-the counters of memory.stat and is always current.)
+every VM's limits are re-read. Each VM's first re-read comes at a point of that window set by its
+key, so VMs opened together (1000 at an agent's restart) spread their re-reads over the window
+instead of all re-reading in one poll every LIMITS_TTL seconds. (v1's memory limit,
+``hierarchical_memory_limit``, comes with the counters of memory.stat and is always current.)
 """
 import array
 import logging
 import os
 import resource
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -140,7 +143,8 @@ class Collector:
         files = cgroups.vm_files(target.pid, self._mounts, self.proc, target.overlay)
         _ensure_fd_room(len(self._open) * _FILES_PER_VM + len(files))
         vm = self.impl.VM(target.key, files, tap=target.tap)  # reads the limits
-        self._open[target.key] = _Open(target.pid, vm, target, now)
+        # Read just now; dated back by the key's phase, so its first re-read comes sooner.
+        self._open[target.key] = _Open(target.pid, vm, target, now - _phase(target.key))
         return vm
 
     def _refresh_limits(self, held, now):
@@ -207,6 +211,11 @@ class Collector:
             net_tx_packets=v(s.F_NET_TX_PACKETS), net_tx_bytes=v(s.F_NET_TX_BYTES),
             net_tx_errors=v(s.F_NET_TX_ERRORS), net_tx_dropped=v(s.F_NET_TX_DROPPED),
         )
+
+
+def _phase(key):
+    """Where in [0, LIMITS_TTL) VM ``key`` re-reads its limits: spread, and stable per key."""
+    return zlib.crc32(key.encode("utf-8", "surrogateescape")) / 2**32 * LIMITS_TTL
 
 
 def _sum(a, b):
