@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from vmiso import _fast
+
 
 def cli(*args, workdir):
     return subprocess.run([sys.executable, "-m", "vmiso", "--workdir", str(workdir), *args],
@@ -54,3 +56,15 @@ def test_exit_code_mapping():
     assert exit_code_of(Termination("FAILED", "timeout")) == 124
     assert exit_code_of(Termination("KILLED", "destroyed")) == 137
     assert exit_code_of(Termination("LOST", "vm-crashed")) == 125
+
+
+def test_bench_usage_prints_reads_refreshes_and_speedups(tmp_path):
+    proc = cli("bench", "usage", "--vms", "5", workdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = dict(line.split(None, 1) for line in proc.stdout.splitlines()[1:] if "_us_per_vm" in line)
+    assert float(rows["python_us_per_vm"]) > 0 and float(rows["python_refresh_us_per_vm"]) > 0
+    if _fast.NO_EXTENSIONS:
+        assert rows["cython_us_per_vm"] == "-" and "no Cython extension" in proc.stdout
+    else:
+        assert float(rows["cython_us_per_vm"]) > 0 and float(rows["cython_refresh_us_per_vm"]) > 0
+        assert "x faster than python" in proc.stdout

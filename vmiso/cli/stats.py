@@ -185,8 +185,15 @@ def bench_usage(args):
         return 0
     print(f"usage of {result['vms']} generated VMs ({result['layout']}), median µs per VM")
     for key in ("cython_us_per_vm", "python_us_per_vm", "psutil_us_per_vm", "usage_all_us_per_vm",
+                "cython_refresh_us_per_vm", "python_refresh_us_per_vm",  # once per LIMITS_TTL
                 "live_cython_us_per_vm", "live_python_us_per_vm", "live_psutil_us_per_vm", "libvirt_us_per_vm"):
         if key in result:
             value = result[key]
             print(f"  {key:<24} {'-' if value is None else f'{value:10.2f}'}")
+    if result.get("cython_us_per_vm") is None:
+        print("  (no Cython extension loaded: VMISO_NO_EXTENSIONS=1, or not built)")
+        return 0
+    for name in ("python", "psutil"):
+        if result.get(f"speedup_vs_{name}"):
+            print(f"  cython is {result[f'speedup_vs_{name}']:.1f}x faster than {name}")
     return 0
