@@ -19,7 +19,7 @@ from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostnam
 from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, Timeout, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
-from .paths import CONSOLE_LOG, DEFAULT_WORKDIR, OVERLAY, SEED, STDERR, STDOUT, Workdir
+from .paths import CONSOLE_LOG, CONTROL_SOCKET, DEFAULT_WORKDIR, OVERLAY, SEED, STDERR, STDOUT, Workdir
 from .spec import (
     R_DESTROYED,
     R_TIMEOUT,
@@ -177,6 +177,7 @@ class Isolator:
             logs=(c.path(CONSOLE_LOG), c.path(STDOUT), c.path(STDERR)),
             metadata={"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id},
             boot=image if image.kernel else None, interfaces=nics, quick_cpu_probe=self.cpu_probe().quick,
+            control_socket=c.path(CONTROL_SOCKET),
         )
         return config.to_xml()
 
@@ -313,7 +314,8 @@ class Isolator:
             self._reconcile(c)
 
     def kill(self, container_id, grace=5.0, reason=R_DESTROYED):
-        """Stop the VM: ACPI power button, ``grace`` seconds, then destroy. Keeps the record
+        """Stop the VM: SIGTERM to the task (through the task channel; the ACPI power button
+        for a VM without one), ``grace`` seconds for it to end, then destroy. Keeps the record
         (wait, status, logs still answer); returns the Termination."""
         c = self._get(container_id)
         with c.op:
@@ -332,7 +334,8 @@ class Isolator:
         faults.hit("destroy:kill")
         dom = self.host.lookup(c.domain)
         if dom is not None and grace > 0:
-            self.host.shutdown(dom)
+            if not channel.request_stop(c.path(CONTROL_SOCKET), c.checkpoint.nonce):
+                self.host.shutdown(dom)  # launched without the socket: the guest's power button
             try:
                 return self.wait(c.id, timeout=grace)
             except Timeout:

@@ -2,7 +2,8 @@
 
 <workdir>/                 0710 root:<qemu group>: QEMU (unprivileged) may pass, nobody else
   images/                  bases (micro/<key>/, store/<sha256>)
-  containers/<id>/         overlay.qcow2, seed.iso, console.log, stdout, stderr, checkpoint.json
+  containers/<id>/         overlay.qcow2, seed.iso, console.log, stdout, stderr, checkpoint.json,
+                           control.sock (the task channel's host end: stop requests to the guest)
 
 Paths come only from validated container ids; nothing here follows a symlink.
 """
@@ -27,6 +28,7 @@ CONSOLE_LOG = "console.log"
 STDOUT = "stdout"
 STDERR = "stderr"
 CHECKPOINT = "checkpoint.json"
+CONTROL_SOCKET = "control.sock"
 
 
 def qemu_gid():

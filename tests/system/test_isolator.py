@@ -94,3 +94,32 @@ def test_quick_cpu_probe_changes_nothing_the_guest_sees(workdir, cid):
             iso.host.close()
     assert seen["quick"].startswith(b"flags") and len(seen["quick"].split()) > 10
     assert seen["quick"] == seen["full"]
+
+
+def _wait_for_stdout(iso, cid, needle):
+    seen = b""
+    for stream, data in iso.output(cid):
+        seen += data if stream == "stdout" else b""
+        if needle in seen:
+            return seen
+    raise AssertionError(f"{needle!r} never came; stdout: {seen!r}")
+
+
+def test_kill_asks_the_task_to_stop_with_sigterm_first(iso, cid):
+    """kill(grace) writes a stop request into the task channel; the wrapper sends SIGTERM to the
+    task, which ends on its own terms: killed, with the status it chose and its last words."""
+    iso.launch(cid, TaskSpec.shell('trap "echo got-term; exit 7" TERM; echo ready; while :; do sleep 1; done'))
+    _wait_for_stdout(iso, cid, b"ready\n")
+    termination = iso.kill(cid, grace=60)
+    assert (termination.state, termination.reason, termination.exit_code) == ("KILLED", "destroyed", 7)
+    with open(os.path.join(iso.workdir.containers, cid, "stdout"), "rb") as f:
+        assert b"ready\ngot-term\n" in f.read()
+    iso.destroy(cid)
+
+
+def test_kill_of_a_task_that_ignores_sigterm_stops_the_vm_after_the_grace(iso, cid):
+    iso.launch(cid, TaskSpec.shell('trap "" TERM; echo ready; while :; do sleep 1; done'))
+    _wait_for_stdout(iso, cid, b"ready\n")
+    termination = iso.kill(cid, grace=2)
+    assert (termination.state, termination.reason, termination.exit_code) == ("KILLED", "destroyed", None)
+    iso.destroy(cid)

@@ -144,3 +144,49 @@ def test_wait_for_exit_code_sees_a_late_write(tmp_path):
     threading.Thread(target=late).start()
     assert channel.wait_for_exit_code(str(path), NONCE, timeout=5) == 4
     assert channel.wait_for_exit_code(str(tmp_path / "none"), NONCE, timeout=0.1) is None
+
+
+# --- the stop request: written into the task channel through libvirt's unix socket --------------
+
+def _serve_once(path, behaviour):
+    """A one-connection unix socket server standing in for QEMU's chardev: 'read' reads to the end
+    and hangs up (what QEMU does), 'hold' never reads; returns (thread, received bytes)."""
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    got = bytearray()
+
+    def run():
+        conn, _ = server.accept()
+        with conn, server:
+            if behaviour == "hold":
+                time.sleep(1.0)
+                return
+            conn.sendall(b"guest output meanwhile\n")  # dropped by request_stop, logged by QEMU
+            while True:
+                data = conn.recv(7)  # a UART takes input a few bytes at a time
+                if not data:
+                    return
+                got.extend(data)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_stop_request_is_delivered_whole_before_the_hang_up(tmp_path):
+    thread, got = _serve_once(tmp_path / "control.sock", "read")
+    assert channel.request_stop(tmp_path / "control.sock", "ab12" * 8, timeout=2.0) is True
+    thread.join(2)
+    assert bytes(got) == b"VMISO-" + b"ab12" * 8 + b" TERM\n" == channel.stop_request("ab12" * 8)
+
+
+def test_stop_request_without_a_socket_or_a_reader_is_false(tmp_path):
+    assert channel.request_stop(tmp_path / "absent.sock", "00" * 16) is False  # an older launch
+    thread, _ = _serve_once(tmp_path / "control.sock", "hold")
+    started = time.monotonic()
+    assert channel.request_stop(tmp_path / "control.sock", "00" * 16, timeout=0.3) is False
+    assert time.monotonic() - started < 0.9  # gives up at its timeout
+    thread.join(2)

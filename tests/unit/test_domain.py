@@ -78,3 +78,12 @@ def test_lean_platform_and_devices_on_the_root_bus():
     assert root.find("clock/timer[@name='hpet']").get("present") == "no"
     assert root.find("features/pmu").get("state") == "off" and root.find("features/vmport").get("state") == "off"
     assert root.find("devices/controller[@model='pcie-root-port']") is None
+
+
+def test_task_channel_takes_input_through_a_unix_socket_and_keeps_its_log():
+    root = ET.fromstring(design(control_socket="/w/c/control.sock").to_xml())
+    serials = root.findall("devices/serial")
+    assert [s.get("type") for s in serials] == ["null", "unix", "null"]
+    assert serials[1].find("source").attrib == {"mode": "bind", "path": "/w/c/control.sock"}
+    assert serials[1].find("log").get("file") == "/w/c/stdout" and serials[1].find("target").get("port") == "1"
+    assert [s.get("type") for s in ET.fromstring(design().to_xml()).findall("devices/serial")] == ["null"] * 3

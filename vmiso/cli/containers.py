@@ -21,8 +21,9 @@ def register(sub):
     p.set_defaults(func=wait)
 
     p = sub.add_parser("kill", help="stop a container's VM (record kept)",
-                       description="ACPI power button, then after --grace seconds a hard stop. The "
-                                   "record stays for wait/ps/logs; 'vmiso rm' removes it.")
+                       description="SIGTERM to the task (as docker stop), then after --grace seconds a "
+                                   "hard stop of the VM (--grace 0: at once). The record stays for "
+                                   "wait/ps/logs; 'vmiso rm' removes it.")
     p.add_argument("id", nargs="+")
     p.add_argument("--grace", type=float, default=5.0, metavar="S", help="seconds before a hard stop (5)")
     p.set_defaults(func=kill)

@@ -14,7 +14,7 @@ from ..spec import R_DESTROYED, R_GUEST_EXITED, R_TIMEOUT, Resources, TaskSpec
 EXIT_TIMEOUT = 124   # as GNU timeout
 EXIT_KILLED = 137    # as docker: 128 + SIGKILL
 EXIT_NO_STATUS = 125
-TERM_GRACE = 5.0     # SIGTERM (scancel): ACPI first, hard stop after this; well within Slurm's KillWait
+TERM_GRACE = 5.0     # SIGTERM (scancel): SIGTERM to the task first, hard stop after this; within Slurm's KillWait
 
 
 def register(sub):

@@ -10,6 +10,7 @@ import ctypes.util
 import os
 import re
 import select
+import socket
 import time
 
 MARKER_TAIL_BYTES = 256  # enough for "VMISO-<64 hex> EXIT <code>\n"
@@ -19,6 +20,35 @@ def marker_prefix(nonce):
     # No leading newline: the nonce alone makes the marker unambiguous, so output bytes are
     # never held back just because they end a line (a streamed "hello\n" shows at once).
     return b"VMISO-" + nonce.encode("ascii") + b" EXIT "
+
+
+def stop_request(nonce):
+    """The line that makes the guest wrapper send SIGTERM to the task (image/guest/task.sh)."""
+    return b"VMISO-" + nonce.encode("ascii") + b" TERM\n"
+
+
+def request_stop(socket_path, nonce, timeout=1.0):
+    """Write the stop request into the task channel through its unix socket (libvirt listens
+    there for QEMU). True once QEMU has taken every byte; False when the VM has no such socket
+    (launched by an older vmiso), or nothing takes the request within ``timeout`` seconds.
+
+    QEMU passes input on only as fast as the guest's UART accepts it, and drops what it has not
+    read yet when the peer hangs up. So: send, shut down our sending side, and wait for QEMU to
+    read the end of it and close; the guest output that reaches this connection meanwhile is
+    dropped (it is in the task log anyway)."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
+        try:
+            conn.settimeout(timeout)
+            conn.connect(str(socket_path))
+            conn.sendall(stop_request(nonce))
+            conn.shutdown(socket.SHUT_WR)
+            while True:
+                conn.settimeout(max(0.001, deadline - time.monotonic()))
+                if not conn.recv(65536):
+                    return True
+        except OSError:  # no socket, refused, or the timeout
+            return False
 
 
 def _exit_re(nonce):

@@ -16,6 +16,7 @@ METADATA_PREFIX = "vmiso"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # libvirt's QEMU-specific extensions
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 CPU_PERIOD_US = 100_000
+TASK_CHANNEL_PORT = 1  # serial ports: 0 the boot console, 1 the task's stdout (and stop requests), 2 stderr
 # A virtio balloon lets update() change guest memory live (a guest without the driver ignores it).
 # Boot cost under TCG, `vmiso run -- true` end to end, 5 interleaved pairs: median 6.29 s with it,
 # 6.11 s without, within the noise of the run (±1 s).
@@ -67,6 +68,9 @@ class DomainConfig:
     lean_platform: bool = False  # no HPET, no VMware I/O port, no PMU: nothing a task VM uses
     # QEMU capabilities libvirt must act as if this QEMU lacked (virt/cpuprobe.py says why).
     dropped_qemu_caps: tuple = ()
+    # The task channel's (serial port 1's) input: a unix socket libvirt listens on, through which
+    # vmiso writes to the guest (a stop request). Its output is logged either way.
+    task_channel_socket: Optional[str] = None
 
     def to_xml(self):
         return ET.tostring(self.to_element(), encoding="unicode")
@@ -136,7 +140,11 @@ class DomainConfig:
         for port, path in enumerate(self.serial_logs):
             # A null backend whose log goes through virtlogd: it rolls the file over at its
             # max_size and keeps max_backups, so a flooding guest cannot fill the disk.
-            serial = ET.SubElement(devices, "serial", type="null")
+            if port == TASK_CHANNEL_PORT and self.task_channel_socket:
+                serial = ET.SubElement(devices, "serial", type="unix")
+                ET.SubElement(serial, "source", mode="bind", path=self.task_channel_socket)
+            else:
+                serial = ET.SubElement(devices, "serial", type="null")
             ET.SubElement(serial, "log", file=path, append="off")
             ET.SubElement(serial, "target", port=str(port))
         ET.SubElement(devices, "controller", type="usb", model="none")
@@ -198,10 +206,11 @@ def parse_metadata(xml_text):
 
 
 def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot,
-           interfaces=(), quick_cpu_probe=False):
+           interfaces=(), quick_cpu_probe=False, control_socket=None):
     """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
     and cmdline for direct kernel boot, or None to boot the disk (a cloud image).
-    ``quick_cpu_probe``: the host's cpuprobe.choose() said yes."""
+    ``quick_cpu_probe``: the host's cpuprobe.choose() said yes. ``control_socket``: where libvirt
+    listens for what vmiso writes to the task channel."""
     quota = None
     if resources.cpus != resources.vcpus:
         quota = int(round(resources.cpus * CPU_PERIOD_US))
@@ -223,4 +232,5 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         initrd=str(boot.initrd) if boot is not None and boot.initrd else None,
         cmdline=boot.cmdline if boot is not None else None,
         dropped_qemu_caps=(cpuprobe.CAPABILITY,) if quick_cpu_probe else (),
+        task_channel_socket=str(control_socket) if control_socket else None,
     )

@@ -4,7 +4,8 @@
 # base64 lines (one argument / one NAME=VALUE each), nonce is this launch's random marker.
 # The task's stdout goes to the task channel (/dev/ttyS1), its stderr to /dev/ttyS2; the last
 # thing written to the task channel is "VMISO-<nonce> EXIT <code>\n"; then the VM powers off (or
-# resets, without ACPI).
+# resets, without ACPI). A line "VMISO-<nonce> TERM" read from the task channel (the host's stop
+# request: vmiso kill with a grace period) sends SIGTERM to the task, as docker stop does.
 d=${1:?usage: task.sh DIR}
 out=/dev/ttyS1
 err=/dev/ttyS2
@@ -22,13 +23,31 @@ unset line v
 workdir=/
 if [ -s "$d/workdir" ]; then decode "$(cat "$d/workdir")"; workdir=$v; fi
 
+# The stop listener: in the background, so the task itself runs in the foreground (a background
+# command would start with SIGINT and SIGQUIT ignored). The task writes its own pid before it
+# execs, for the listener to signal it and nothing else.
+pidfile=/run/vmiso-task.pid
+: >"$pidfile"
+listen_for_stop() {
+  while IFS= read -r line; do
+    if [ "$line" = "VMISO-$nonce TERM" ] && IFS= read -r pid <"$pidfile" && [ -n "$pid" ]; then
+      kill -TERM "$pid" 2>/dev/null
+    fi
+  done <"$out"
+}
+listen_for_stop &
+listener=$!
+
 if cd "$workdir" 2>"$err"; then
   echo VMISO-TASK-START >/dev/ttyS0 2>/dev/null  # the host's "task started" marker (vmiso bench)
-  "$@" </dev/null >"$out" 2>"$err"
+  # shellcheck disable=SC2016 # $$ and "$@" belong to the inner shell
+  sh -c 'echo $$ >"$0" && exec "$@"' "$pidfile" "$@" </dev/null >"$out" 2>"$err"
   code=$?
 else
   code=126
 fi
+: >"$pidfile"  # the task is gone: a late stop request must not hit a reused pid
+kill "$listener" 2>/dev/null
 printf 'VMISO-%s EXIT %d\n' "$nonce" "$code" >"$out"
 # stty applies its settings with TCSADRAIN: it returns once both ports have sent every byte.
 stty -F "$out" raw 2>/dev/null

@@ -1,0 +1,27 @@
+"""How a task ended: decide_termination over what the guest reported and who stopped the VM."""
+import pytest
+
+from vmiso.container import decide_termination
+from vmiso.state import Checkpoint
+
+
+def checkpoint(kill_reason=None):
+    return Checkpoint(container_id="c1", agent_id="a", domain="vmiso-c1", nonce="00" * 16, kill_reason=kill_reason)
+
+
+@pytest.mark.parametrize("kill_reason, stop_detail, exit_code, expected", [
+    (None, "shutdown", 0, ("FINISHED", "guest-exited", 0)),
+    (None, "shutdown", 3, ("FAILED", "guest-exited", 3)),
+    # A kill with a grace period sends SIGTERM: the task may exit with a status of its choosing,
+    # and it was still killed.
+    ("destroyed", "shutdown", 143, ("KILLED", "destroyed", 143)),
+    ("destroyed", "shutdown", 0, ("KILLED", "destroyed", 0)),
+    ("destroyed", "destroyed", None, ("KILLED", "destroyed", None)),
+    ("timeout", "destroyed", None, ("FAILED", "timeout", None)),
+    ("timeout", "shutdown", 0, ("FINISHED", "guest-exited", 0)),  # it finished just in time
+    (None, "shutdown", None, ("FAILED", "no-exit-status", None)),
+    (None, "crashed", None, ("FAILED", "vm-crashed", None)),
+])
+def test_decide_termination(kill_reason, stop_detail, exit_code, expected):
+    t = decide_termination(checkpoint(kill_reason), stop_detail, exit_code)
+    assert (t.state, t.reason, t.exit_code) == expected and t.message
