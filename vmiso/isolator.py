@@ -334,7 +334,8 @@ class Isolator:
         faults.hit("destroy:kill")
         dom = self.host.lookup(c.domain)
         if dom is not None and grace > 0:
-            if not channel.request_stop(c.path(CONTROL_SOCKET), c.checkpoint.nonce):
+            # Within the grace: a guest that takes no input costs at most a second of it.
+            if not channel.request_stop(c.path(CONTROL_SOCKET), c.checkpoint.nonce, timeout=min(1.0, grace)):
                 self.host.shutdown(dom)  # launched without the socket: the guest's power button
             try:
                 return self.wait(c.id, timeout=grace)

@@ -1,9 +1,12 @@
-"""The host side of the guest protocol: the task channel's exit line and output streaming.
+"""The host side of the guest protocol: the task channel's exit line, output streaming, and the
+stop request written into it.
 
 The guest wrapper writes the task's stdout to the second serial port and its stderr to the third
 (files on the host, written by QEMU), then ``VMISO-<nonce> EXIT <code>\\n`` as the very last
-bytes of the stdout channel. Everything here treats those files as hostile input: the exit line
-counts only when it carries this launch's nonce and ends the file, and reads are bounded.
+bytes of the stdout channel. The other way, ``VMISO-<nonce> TERM\\n`` on that port's input
+makes the wrapper send SIGTERM to the task. Everything here treats those files as hostile input:
+the exit line counts only when it carries this launch's nonce and ends the file, and reads are
+bounded.
 """
 import ctypes
 import ctypes.util

@@ -18,6 +18,8 @@ in use and why.
 import os
 from dataclasses import dataclass
 
+from ..errors import InvalidSpec
+
 ENV = "VMISO_CPU_PROBE"
 SETTINGS = ("quick", "full")
 CAPABILITY = "cpu-unavailable-features"
@@ -35,8 +37,6 @@ class CpuProbe:
 
 def setting(value=None):
     """``value`` ("quick" or "full"), else $VMISO_CPU_PROBE, else "quick"; InvalidSpec if unknown."""
-    from ..errors import InvalidSpec
-
     value = value if value is not None else (os.environ.get(ENV) or "quick")
     if value not in SETTINGS:
         raise InvalidSpec(ENV, f"{value!r} is not one of {', '.join(SETTINGS)}")
