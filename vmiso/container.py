@@ -74,10 +74,13 @@ def guest_hostname(container_id):
 def decide_termination(checkpoint, stop_detail, exit_code):
     """How a task ended, from what the guest reported, who stopped it and libvirt's detail."""
     kill_reason = checkpoint.kill_reason
+    # A kill with a grace period, and the timeout, ask the task to stop (SIGTERM): it was killed,
+    # or timed out, whatever status it chose to exit with.
     if kill_reason == R_DESTROYED and exit_code is not None:
-        # A kill with a grace period asks the task to stop (SIGTERM): it was killed, whatever
-        # status it chose to exit with.
         return Termination(KILLED, R_DESTROYED, exit_code, f"the task was killed (it exited with status {exit_code})")
+    if kill_reason == R_TIMEOUT and exit_code is not None:
+        return Termination(FAILED, R_TIMEOUT, exit_code,
+                           f"the task ran past its timeout and was stopped (it exited with status {exit_code})")
     if exit_code is not None:
         return Termination(FINISHED if exit_code == 0 else FAILED, R_GUEST_EXITED, exit_code,
                            f"the task exited with status {exit_code}")

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 DOMAIN_PREFIX = "vmiso-"
 RECONCILE_EVERY = 5.0  # events are hints: wait() re-checks libvirt this often
 EXIT_LINE_GRACE = 2.0  # seconds virtlogd may lag behind the stop event when writing the exit line
+TIMEOUT_GRACE = 5.0  # at TaskSpec.timeout the task gets SIGTERM, and this long before a hard stop
 
 
 class Isolator:
@@ -290,7 +291,7 @@ class Isolator:
 
     def _kill_quietly(self, container_id, reason):
         try:
-            self.kill(container_id, grace=0, reason=reason)
+            self.kill(container_id, grace=TIMEOUT_GRACE, reason=reason)
         except VmisoError as err:
             log.warning("timeout kill of %s failed: %s", container_id, err)
 

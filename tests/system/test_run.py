@@ -94,6 +94,13 @@ def test_timeout_kills_with_reason_timeout(workdir, cid):
     assert b"timeout" in proc.stderr
 
 
+def test_timeout_sends_sigterm_first_as_gnu_timeout_does(workdir, cid):
+    proc = vmiso_cli("run", "--name", cid, "--timeout", "2", "--",
+                     "sh", "-c", 'trap "echo stopping; exit 3" TERM; while :; do sleep 1; done')
+    assert proc.returncode == 124, proc.stderr
+    assert proc.stdout == b"stopping\n"  # its last words are kept
+
+
 def test_detach_then_kill_gives_killed(workdir, cid):
     started = vmiso_cli("run", "-d", "--name", cid, "--", "sleep", "600")
     assert started.returncode == 0, started.stderr

@@ -18,7 +18,8 @@ def checkpoint(kill_reason=None):
     ("destroyed", "shutdown", 0, ("KILLED", "destroyed", 0)),
     ("destroyed", "destroyed", None, ("KILLED", "destroyed", None)),
     ("timeout", "destroyed", None, ("FAILED", "timeout", None)),
-    ("timeout", "shutdown", 0, ("FINISHED", "guest-exited", 0)),  # it finished just in time
+    ("timeout", "shutdown", 143, ("FAILED", "timeout", 143)),  # SIGTERM at the deadline
+    ("timeout", "shutdown", 0, ("FAILED", "timeout", 0)),  # its TERM handler exited 0
     (None, "shutdown", None, ("FAILED", "no-exit-status", None)),
     (None, "crashed", None, ("FAILED", "vm-crashed", None)),
 ])

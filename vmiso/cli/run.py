@@ -34,7 +34,8 @@ def register(sub):
     p.add_argument("--mem", type=int, metavar="MiB", help="guest memory in MiB (default: the Slurm "
                                                           "allocation's, else 256)")
     p.add_argument("--disk", type=float, metavar="GiB", help="root disk size in GiB (default: the image's)")
-    p.add_argument("--timeout", type=float, metavar="S", help="kill the task after S seconds (exit 124)")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="after S seconds SIGTERM to the task, a hard stop 5 s later (exit 124)")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
     p.add_argument("-w", "--workdir-in-guest", dest="guest_workdir", metavar="DIR",
                    help="working directory inside the guest (default /)")
