@@ -63,6 +63,15 @@ def test_failed_launch_leaves_nothing(iso, cid, point, monkeypatch):
     iso.destroy(cid)
 
 
+def _wait_for_stdout(iso, cid, needle):
+    seen = b""
+    for stream, data in iso.output(cid):
+        seen += data if stream == "stdout" else b""
+        if needle in seen:
+            return seen
+    raise AssertionError(f"{needle!r} never came; stdout: {seen!r}")
+
+
 def test_quick_cpu_probe_changes_nothing_the_guest_sees(workdir, cid):
     """virt/cpuprobe.py: libvirt keeps the capability removal in the live XML, and a guest started
     with the quick probe sees the same CPU flags as one started with libvirt's full probe."""
@@ -83,26 +92,12 @@ def test_quick_cpu_probe_changes_nothing_the_guest_sees(workdir, cid):
             ns = domain.QEMU_NS
             dels = [el.get("capability") for el in live.findall(f"{{{ns}}}capabilities/{{{ns}}}del")]
             assert dels == ([cpuprobe.CAPABILITY] if wanted == "quick" else [])
-            out = b""
-            for stream, data in iso.output(name):
-                out += data if stream == "stdout" else b""
-                if out.endswith(b"\n"):
-                    break
-            seen[wanted] = out
+            seen[wanted] = _wait_for_stdout(iso, name, b"\n")
             iso.destroy(name, grace=0)
         finally:
             iso.host.close()
     assert seen["quick"].startswith(b"flags") and len(seen["quick"].split()) > 10
     assert seen["quick"] == seen["full"]
-
-
-def _wait_for_stdout(iso, cid, needle):
-    seen = b""
-    for stream, data in iso.output(cid):
-        seen += data if stream == "stdout" else b""
-        if needle in seen:
-            return seen
-    raise AssertionError(f"{needle!r} never came; stdout: {seen!r}")
 
 
 def test_kill_asks_the_task_to_stop_with_sigterm_first(iso, cid):

@@ -43,13 +43,11 @@ def setting(value=None):
     return value
 
 
-def choose(libvirt_version, qemu_version, arch="x86_64", wanted="quick"):
-    """The CPU probe for domains of ``arch`` on this libvirt and QEMU (versions as libvirt's
+def choose(libvirt_version, qemu_version, wanted="quick"):
+    """The CPU probe for vmiso's (x86_64) domains on this libvirt and QEMU (versions as libvirt's
     integers, major * 1e6 + minor * 1e3 + micro), given the ``wanted`` setting()."""
     if wanted == "full":
         return CpuProbe(False, f"{ENV}=full: libvirt queries every CPU feature at each start")
-    if arch != "x86_64":
-        return CpuProbe(False, f"{arch} guests: libvirt has no per-feature probe to spare")
     if libvirt_version < MIN_LIBVIRT or qemu_version < MIN_QEMU:
         return CpuProbe(False, "this libvirt/QEMU reads the guest CPU in 2 queries already")
     return CpuProbe(True, f"libvirt reads the guest CPU in 2 queries, not ~400 (domains are tainted "

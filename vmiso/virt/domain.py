@@ -138,8 +138,9 @@ class DomainConfig:
         for nic in self.interfaces:
             devices.append(_interface_element(nic))
         for port, path in enumerate(self.serial_logs):
-            # A null backend whose log goes through virtlogd: it rolls the file over at its
-            # max_size and keeps max_backups, so a flooding guest cannot fill the disk.
+            # Each port's output is logged through virtlogd: it rolls the file over at its max_size
+            # and keeps max_backups, so a flooding guest cannot fill the disk. Only the task
+            # channel takes input (from vmiso, through a unix socket); the others' backend is null.
             if port == TASK_CHANNEL_PORT and self.task_channel_socket:
                 serial = ET.SubElement(devices, "serial", type="unix")
                 ET.SubElement(serial, "source", mode="bind", path=self.task_channel_socket)
