@@ -18,6 +18,7 @@ from .errors import (
     InvalidSpec,
     LaunchFailed,
     NotFound,
+    NotOwned,
     Timeout,
     UnsafeImage,
     VirtError,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists", "CommandFailed", "ContainerStatus", "HostError", "ImageError", "InvalidSpec",
-    "Isolator", "LaunchFailed", "NotFound", "Resources", "TaskSpec", "Termination", "Timeout",
+    "Isolator", "LaunchFailed", "NotFound", "NotOwned", "Resources", "TaskSpec", "Termination", "Timeout",
     "UnsafeImage", "VirtError", "VmisoError",
 ]
 

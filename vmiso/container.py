@@ -11,6 +11,7 @@ from .spec import (
     LOST,
     R_DESTROYED,
     R_GUEST_EXITED,
+    R_IO_ERROR,
     R_LAUNCH_FAILED,
     R_NO_EXIT_STATUS,
     R_TIMEOUT,
@@ -35,6 +36,13 @@ class Container:
         self.op = threading.Lock()   # serialises launch, kill and destroy of this container
         self.timeline = {}           # step name -> time.monotonic() when it completed (this process)
         self.removed = False         # set once destroy() (or a failed launch) removed it
+        self.foreign = False         # another agent's: read here, never concluded, killed or removed
+        self.paused = None           # why libvirt paused the VM ("ioerror", "paused"), while it is
+
+    @property
+    def owner(self):
+        """The agent id that launched the container (from its checkpoint)."""
+        return self.checkpoint.agent_id
 
     @property
     def domain(self):
@@ -88,6 +96,9 @@ def decide_termination(checkpoint, stop_detail, exit_code):
         return Termination(FAILED, R_TIMEOUT, None, "the task ran past its timeout and was killed")
     if kill_reason == R_DESTROYED:
         return Termination(KILLED, R_DESTROYED, None, "the task was killed")
+    if kill_reason == R_IO_ERROR:
+        return Termination(FAILED, R_IO_ERROR, None, "the VM was paused by a disk I/O error (is the host's file "
+                                                     "system full?) and was stopped")
     if kill_reason == R_LAUNCH_FAILED:
         return Termination(FAILED, R_LAUNCH_FAILED, None, "the launch was interrupted")
     if stop_detail == "shutdown":

@@ -35,6 +35,17 @@ class AlreadyExists(VmisoError):
         super().__init__(f"{what} already exists: {name}")
 
 
+class NotOwned(VmisoError, PermissionError):
+    """The container belongs to another agent: this one may read it, never change it."""
+
+    def __init__(self, container_id, owner, agent_id):
+        self.container_id = container_id
+        self.owner = owner
+        self.agent_id = agent_id
+        super().__init__(f"container {container_id} belongs to agent {owner!r}, not {agent_id!r}: "
+                         "it is read-only here")
+
+
 class ImageError(VmisoError):
     """A disk image cannot be read or written as asked."""
 

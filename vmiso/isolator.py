@@ -16,12 +16,13 @@ import uuid
 from . import faults, state
 from .accounting import live as accounting
 from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostname, hold_launch_lock
-from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, Timeout, VmisoError
+from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, NotOwned, Timeout, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
 from .paths import CONSOLE_LOG, CONTROL_SOCKET, DEFAULT_WORKDIR, OVERLAY, SEED, STDERR, STDOUT, Workdir
 from .spec import (
     R_DESTROYED,
+    R_IO_ERROR,
     R_TIMEOUT,
     ContainerStatus,
     TaskSpec,
@@ -43,8 +44,10 @@ TIMEOUT_GRACE = 5.0  # at TaskSpec.timeout the task gets SIGTERM, and this long 
 class Isolator:
     """Runs tasks in VMs. Thread-safe; one per agent process.
 
-    ``agent_id`` is written into each domain's metadata: recover() only ever touches domains that
-    carry this agent's id, so two agents on one host never kill each other's VMs.
+    ``agent_id`` is written into each container's checkpoint and its domain's metadata. A
+    container of another agent id (two agents sharing a work dir, or an agent and the ``vmiso``
+    CLI) is read-only here in every path: status, wait, output and usage read it; kill, destroy,
+    update raise NotOwned; recover() and adoption never conclude, clean or watch it.
     """
 
     def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso",
@@ -100,6 +103,7 @@ class Isolator:
             c.op.acquire()  # a kill or destroy racing this launch waits until it is done
             self._containers[container_id] = c
         step = "dir"
+        created = None
         try:
             self._step(c, "launch:dir")
             step = "checkpoint"
@@ -133,6 +137,7 @@ class Isolator:
             step = "create"
             self.host.watch(c.domain, lambda event, detail: self._on_lifecycle(c, event, detail))
             dom = self.host.create(xml)
+            created = dom  # rollback destroys this domain only: never one looked up by name
             # Not in the XML: libvirt would also raise QEMU's RLIMIT_MEMLOCK to it (refused here).
             self.host.set_memory_hard_limit(dom, accounting.hard_limit(spec.resources, checkpoint.accel))
             self._step(c, "launch:create")
@@ -141,7 +146,7 @@ class Isolator:
             state.write(directory, checkpoint)
             self._step(c, "launch:running")
         except BaseException as err:
-            self._undo_launch(c)
+            self._undo_launch(c, created)
             os.close(lock_fd)
             c.op.release()
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
@@ -202,17 +207,18 @@ class Isolator:
         except VmisoError as err:
             log.warning("releasing the network of %s: %s", c.id, err)
 
-    def _undo_launch(self, c):
-        """Remove whatever a failed launch made: the domain, then the files, then the record."""
+    def _undo_launch(self, c, created):
+        """Remove whatever a failed launch made: the domain ``created`` returned (None if it
+        made none), then the files, then the record. A domain of the same name that createXML
+        refused to replace is somebody else's and is never touched."""
         # Stop listening first: the domain's stop event would otherwise conclude (and write a
         # checkpoint into) the directory while it is being removed.
         self.host.unwatch(c.domain)
         with c.cond:
             c.removed = True
         try:
-            dom = self.host.lookup(c.domain)
-            if dom is not None:
-                self.host.destroy(dom)
+            if created is not None:
+                self.host.destroy(created)
         except VmisoError as err:
             log.warning("undoing launch of %s: %s", c.id, err)
         self._release_network(c)
@@ -227,9 +233,20 @@ class Isolator:
                 c.stop_detail = detail
             # Conclude off the event thread: it must never block on file I/O or locks.
             threading.Thread(target=self._conclude, args=(c,), daemon=True).start()
+        elif event == "suspended":
+            c.paused = detail or "paused"
+            if detail == "ioerror":
+                # A disk error QEMU did not pass to the guest (an overlay's policy is "report",
+                # so this is a base or a VM of an older vmiso): it would stay paused forever.
+                log.warning("container %s: its VM was paused by a disk I/O error; stopping it", c.id)
+                threading.Thread(target=self._kill_quietly, args=(c.id, R_IO_ERROR), daemon=True).start()
+        elif event in ("resumed", "started"):
+            c.paused = None
 
     def _conclude(self, c):
         """The domain is gone: decide how the task ended, record it, free the VM's disk."""
+        if c.foreign:
+            return c.termination  # its own agent concludes it
         with c.cond:
             if c.termination is not None or c.removed:
                 return c.termination  # concluded already, or a failed launch being undone
@@ -268,7 +285,7 @@ class Isolator:
 
     def _reconcile(self, c):
         """Events are hints: if libvirt no longer has the domain, conclude now."""
-        if c.termination is None and self.host.lookup(c.domain) is None:
+        if not c.foreign and c.termination is None and self.host.lookup(c.domain) is None:
             self._conclude(c)
 
     def _reconcile_all(self):
@@ -301,6 +318,8 @@ class Isolator:
         c = self._get(container_id, allow_ended=True)
         if isinstance(c, Termination):
             return c
+        if c.foreign:
+            return self._wait_foreign(c, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with c.cond:
@@ -314,11 +333,31 @@ class Isolator:
                     return c.termination
             self._reconcile(c)
 
+    def _wait_foreign(self, c, timeout):
+        """wait() for another agent's container: its owner records the termination in the
+        checkpoint; read it as it changes, touching nothing."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watcher = channel.Inotify([c.dir])
+        try:
+            while True:
+                termination = _recorded_termination(c.dir)
+                if termination is not None:
+                    return termination
+                if not os.path.isdir(c.dir):
+                    raise NotFound("container", c.id)  # removed by its owner
+                left = RECONCILE_EVERY if deadline is None else min(RECONCILE_EVERY, deadline - time.monotonic())
+                if left <= 0:
+                    raise Timeout(f"container {c.id} still running after {timeout} s")
+                watcher.wait(left)
+        finally:
+            watcher.close()
+
     def kill(self, container_id, grace=5.0, reason=R_DESTROYED):
         """Stop the VM: SIGTERM to the task (through the task channel; the ACPI power button
         for a VM without one), ``grace`` seconds for it to end, then destroy. Keeps the record
-        (wait, status, logs still answer); returns the Termination."""
-        c = self._get(container_id)
+        (wait, status, logs still answer); returns the Termination. NotOwned for another
+        agent's container."""
+        c = self._own(container_id)
         with c.op:
             if c.removed:
                 raise NotFound("container", container_id)
@@ -352,7 +391,7 @@ class Isolator:
         unknown or already destroyed id is no error. Returns the Termination (or None)."""
         validate_container_id(container_id)
         try:
-            c = self._get(container_id)
+            c = self._own(container_id)
         except NotFound:
             if os.path.islink(self.workdir.container_dir(container_id)):
                 self.workdir.remove_container_dir(container_id)  # unlinks it; never its target
@@ -380,13 +419,15 @@ class Isolator:
         cp = c.checkpoint
         if c.termination is not None:
             state_name = c.termination.state
+        elif cp.phase == state.LAUNCHING:
+            state_name = "LAUNCHING"
         else:
-            state_name = "LAUNCHING" if cp.phase == state.LAUNCHING else "RUNNING"
+            state_name = "PAUSED" if c.paused else "RUNNING"
         return ContainerStatus(
             container_id=c.id, state=state_name, domain=cp.domain, accel=cp.accel,
             pid=Host.pid(cp.domain) if c.termination is None else None, started_at=cp.created_at,
             termination=c.termination, image=cp.image,
-            ip=cp.extra.get("ip"), mac=cp.extra.get("mac"),
+            ip=cp.extra.get("ip"), mac=cp.extra.get("mac"), owner=c.owner,
         )
 
     def containers(self):
@@ -411,8 +452,14 @@ class Isolator:
         c = self._get(container_id)
         names = ("stdout", "stderr")
         exit_filter = channel.ExitLineFilter(c.checkpoint.nonce)
+        if c.foreign:  # its owner records the end; a removed directory is an end too
+            def ended():
+                return _recorded_termination(c.dir) is not None or not os.path.isdir(c.dir)
+        else:
+            def ended():
+                return c.termination is not None
         for index, data in channel.follow([c.path(STDOUT), c.path(STDERR)],
-                                          finished=lambda: not follow or c.termination is not None):
+                                          finished=lambda: not follow or ended()):
             if index == 0:
                 data = exit_filter.feed(data)
             if data:
@@ -453,6 +500,8 @@ class Isolator:
 
     # --- adoption ---------------------------------------------------------------------------
     def _get(self, container_id, allow_ended=False):
+        """The container, supervised by this Isolator (adopted from its checkpoint if needed);
+        another agent's is read afresh each time and never supervised."""
         validate_container_id(container_id)
         with self._lock:
             c = self._containers.get(container_id)
@@ -463,8 +512,26 @@ class Isolator:
             from .recovery import adopt
 
             c = adopt(self, container_id)
+            if c.foreign:
+                return c
             self._containers[container_id] = c
         if c.termination is None:
             self._reconcile(c)
             self._arm_timer(c)
         return c
+
+    def _own(self, container_id):
+        """_get(), for calls that change the container: NotOwned if another agent's."""
+        c = self._get(container_id)
+        if c.foreign:
+            raise NotOwned(container_id, c.owner, self.agent_id)
+        return c
+
+
+def _recorded_termination(directory):
+    """The Termination a container's checkpoint records, or None (none yet, or unreadable)."""
+    try:
+        recorded = state.read(directory).termination
+    except state.CheckpointError:
+        return None
+    return Termination.from_dict(recorded) if recorded else None

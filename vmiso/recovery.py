@@ -1,5 +1,6 @@
 """recover(): after the agent restarts, every container is running again under supervision or
-reported terminal, and nothing of ours is leaked.
+reported terminal, and nothing of ours is leaked. Another agent's containers (their checkpoint
+or their domain's metadata names another agent id) are reported, never changed.
 
 Sources of truth, in order: the checkpoints in the work dir, libvirt's live domains (ours only
 when their ownership metadata names this agent), the task channel's exit line. A second call
@@ -28,6 +29,7 @@ class RecoveryReport:
     corrupt: list = field(default_factory=list)      # unreadable checkpoints, cleaned (non-strict)
     busy: list = field(default_factory=list)         # launches under way in another process
     leases: list = field(default_factory=list)       # network leases (tap, rules) of vanished containers, freed
+    foreign: dict = field(default_factory=dict)      # id -> owner agent id: another agent's, left alone
 
     @property
     def ids(self):
@@ -45,7 +47,6 @@ def recover(iso, strict=False):
 
 def _recover_one(iso, container_id, strict, report):
     directory = str(iso.workdir.container_dir(container_id))
-    _remove_temp_files(directory)
     try:
         c = iso._get(container_id)
     except NotFound:
@@ -56,10 +57,18 @@ def _recover_one(iso, container_id, strict, report):
             return
         if strict:
             raise
+        owner = _live_owner(iso, container_id)
+        if owner is not None and owner != iso.agent_id:
+            report.foreign[container_id] = owner  # its own agent decides about its record
+            return
         log.warning("container %s: %s; cleaning it up", container_id, err)
         _clean_unreadable(iso, container_id)
         report.corrupt.append(container_id)
         return
+    if c.foreign:
+        report.foreign[container_id] = c.owner
+        return
+    _remove_temp_files(directory)
     if c.checkpoint.remove_requested:
         # destroy() was interrupted: finish it (the kill, if needed, was finished by adoption).
         termination = iso.wait(container_id)
@@ -86,8 +95,18 @@ def _remove_temp_files(directory):
             pass
 
 
+def _live_owner(iso, container_id):
+    """The agent id in the metadata of a running domain of ``container_id``, or None."""
+    for _dom, metadata in iso.host.our_domains(domain_xml.METADATA_NS):
+        record = domain_xml.parse_metadata(metadata)
+        if record and record.get("container") == container_id:
+            return record.get("agent")
+    return None
+
+
 def _clean_unreadable(iso, container_id):
-    """No trustworthy record: stop the domain if it is provably ours, then remove the files."""
+    """No trustworthy record (and no other agent's VM runs it): stop the domain if it is
+    provably ours, then remove the files."""
     for dom, metadata in iso.host.our_domains(domain_xml.METADATA_NS):
         record = domain_xml.parse_metadata(metadata)
         if record and record.get("agent") == iso.agent_id and record.get("container") == container_id:
@@ -146,9 +165,12 @@ def adopt(iso, container_id):
             raise NotFound("container", container_id) from err  # a planted link is no container
         raise
     c = Container(container_id, directory, checkpoint)
+    c.foreign = checkpoint.agent_id != iso.agent_id
     if checkpoint.termination is not None:
         c.termination = Termination.from_dict(checkpoint.termination)
         return c
+    if c.foreign:
+        return c  # another agent's: read-only here, never looked up, watched or concluded
     if checkpoint.phase == state.LAUNCHING and launch_in_progress(directory):
         raise state.CheckpointError(f"container {container_id} is being launched by another process")
     dom = None

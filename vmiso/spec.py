@@ -93,10 +93,13 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """A task's NIC: a tap on ``bridge``. ``ip`` is ``A.B.C.D/NN`` (None: allocated from the
-    bridge's subnet), ``mac`` None: derived (locally administered unicast). ``vlan`` (1-4094) is
-    the port's untagged VLAN; ``isolated`` makes it a bridge isolated port. ``inbound`` limits
-    traffic to the guest, ``outbound`` traffic from it."""
+    """A task's NIC: a tap on ``bridge``, one the operator made or adopted with ``vmiso net
+    bridge create``. ``ip`` is ``A.B.C.D/NN`` (None: allocated from the bridge's subnet), ``mac``
+    None: derived; a given one must be locally administered unicast (checked here, before
+    anything is made). Whether a task may choose either at all is the bridge's policy, checked
+    when the address is leased (vmiso.net.ipam). ``vlan`` (1-4094) is the port's untagged VLAN;
+    ``isolated`` makes it a bridge isolated port. ``inbound`` limits traffic to the guest,
+    ``outbound`` traffic from it."""
 
     bridge: str
     vlan: Optional[int] = None
@@ -115,7 +118,7 @@ class NetworkSpec:
         if self.ip is not None:
             object.__setattr__(self, "ip", str(addr.parse_cidr(self.ip, "ip")))
         if self.mac is not None:
-            object.__setattr__(self, "mac", addr.parse_mac(self.mac, "mac"))
+            object.__setattr__(self, "mac", addr.guest_mac(self.mac, "mac"))
         if not isinstance(self.isolated, bool):
             raise InvalidSpec("isolated", "must be True or False")
         for name in ("inbound", "outbound"):
@@ -196,6 +199,7 @@ R_VM_CRASHED = "vm-crashed"            # QEMU died, or the domain vanished under
 R_DESTROYED = "destroyed"              # vmiso was asked to kill it
 R_TIMEOUT = "timeout"                  # TaskSpec.timeout ran out
 R_LAUNCH_FAILED = "launch-failed"
+R_IO_ERROR = "io-error"                # the VM was paused by a disk error and vmiso stopped it
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,7 @@ class ContainerStatus:
     """What status() reports: the domain, the state, and the termination once there is one."""
 
     container_id: str
-    state: str  # LAUNCHING, RUNNING, or a terminal state
+    state: str  # LAUNCHING, RUNNING, PAUSED, or a terminal state
     domain: str
     accel: str
     pid: Optional[int] = None
@@ -229,6 +233,7 @@ class ContainerStatus:
     image: str = ""
     ip: Optional[str] = None    # the guest's address (A.B.C.D/NN) when it has a network
     mac: Optional[str] = None
+    owner: str = ""             # the agent id that launched it (only that agent may change it)
 
     def to_dict(self):
         data = asdict(self)

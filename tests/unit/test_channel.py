@@ -76,6 +76,37 @@ def test_filter_holds_back_only_a_possible_prefix():
     assert f.close() == b"" and f.exit_code == 4
 
 
+def test_forged_prefix_does_not_hold_back_what_follows():
+    """The guest knows the nonce: output after a forged marker prefix streams at once."""
+    f = channel.ExitLineFilter(NONCE)
+    prefix = channel.marker_prefix(NONCE)
+    assert f.feed(b"a" + prefix) == b"a"               # could still become the exit line
+    assert f.feed(b"x" * 100) == prefix + b"x" * 100     # it cannot any more: released whole
+    assert f.feed(prefix + b"12") == b""
+    assert f.feed(b"34") == prefix + b"1234"            # four digits are no exit code
+    assert f.feed(channel.exit_line(NONCE, 3) + b"more") == channel.exit_line(NONCE, 3) + b"more"
+    assert f.close() == b"" and f.exit_code is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.sampled_from([b"x", b"\n", b"7", b"VMISO-", NONCE.encode(), b" EXIT ",
+                                         channel.marker_prefix(NONCE)]), max_size=60))
+def test_filter_never_holds_more_than_one_marker(chunks):
+    """Whatever the guest writes, the bytes held back never exceed an exit line's length, and
+    nothing is lost or reordered."""
+    f = channel.ExitLineFilter(NONCE)
+    out = b""
+    for chunk in chunks:
+        out += f.feed(chunk)
+        assert len(f.held) <= len(channel.exit_line(NONCE, 255))
+    out += f.close()
+    data = b"".join(chunks)
+    if f.exit_code is None:
+        assert out == data
+    else:
+        assert out + channel.exit_line(NONCE, f.exit_code) == data
+
+
 def test_follow_streams_growing_files_until_finished(tmp_path):
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     done = threading.Event()

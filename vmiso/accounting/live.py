@@ -95,7 +95,7 @@ class Accounting:
     def update(self, container_id, resources, disk=None, inbound=None, outbound=None):
         if not isinstance(resources, Resources):
             raise InvalidSpec("resources", "must be a vmiso.Resources")
-        c = self.iso._get(container_id)
+        c = self.iso._own(container_id)
         host = self.iso.host
         dom = host.lookup(c.domain) if c.termination is None else None
         if dom is None:

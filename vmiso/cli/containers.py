@@ -3,6 +3,9 @@ import json
 import sys
 import time
 
+from ..errors import NotFound
+from ..state import CheckpointError
+from . import terminal
 from .run import exit_code_of
 
 
@@ -38,6 +41,7 @@ def register(sub):
     p.add_argument("id")
     p.add_argument("--task", action="store_true", help="the task's stdout/stderr instead of the console")
     p.add_argument("-f", "--follow", action="store_true", help="with --task: keep printing until the task ends")
+    terminal.add_raw_flag(p)
     p.set_defaults(func=logs)
 
 
@@ -49,15 +53,21 @@ def _iso(args):
 
 def ps(args):
     iso = _iso(args)
-    statuses = [iso.status(cid) for cid in iso.recover().ids]
+    report = iso.recover()  # this agent's containers only; others' are read as they are
+    statuses = []
+    for cid in sorted(set(report.ids) | set(report.foreign)):
+        try:
+            statuses.append(iso.status(cid))
+        except (NotFound, CheckpointError):
+            continue  # removed (or being launched) meanwhile
     if args.json:
         print(json.dumps([s.to_dict() for s in statuses], indent=1))
         return 0
-    print(f"{'CONTAINER':<24} {'STATE':<10} {'IMAGE':<12} {'ACCEL':<5} {'AGE':>7}  EXIT/REASON")
+    print(f"{'CONTAINER':<24} {'STATE':<10} {'IMAGE':<12} {'ACCEL':<5} {'AGE':>7}  {'OWNER':<12} EXIT/REASON")
     for s in statuses:
         age = f"{time.time() - (s.started_at or time.time()):.0f}s"
         end = f"{s.termination.exit_code} {s.termination.reason}" if s.termination else ""
-        print(f"{s.container_id:<24} {s.state:<10} {s.image:<12} {s.accel:<5} {age:>7}  {end}")
+        print(f"{s.container_id:<24} {s.state:<10} {s.image:<12} {s.accel:<5} {age:>7}  {s.owner:<12} {end}")
     return 0
 
 
@@ -89,12 +99,17 @@ def rm(args):
 
 def logs(args):
     iso = _iso(args)
+    streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    filters = {name: terminal.filter_for(stream, args.raw) for name, stream in streams.items()}
     if not args.task:
         with open(iso.console_log(args.id), "rb") as f:
-            sys.stdout.buffer.write(f.read())
-        return 0
-    for name, data in iso.output(args.id, follow=args.follow):
-        stream = sys.stdout if name == "stdout" else sys.stderr
-        stream.buffer.write(data)
-        stream.buffer.flush()
+            while chunk := f.read(65536):
+                streams["stdout"].write(filters["stdout"].feed(chunk))
+    else:
+        for name, data in iso.output(args.id, follow=args.follow):
+            streams[name].write(filters[name].feed(data))
+            streams[name].flush()
+    for name, stream in streams.items():
+        stream.write(filters[name].close())
+        stream.flush()
     return 0

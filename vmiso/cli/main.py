@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from ..errors import VmisoError
+from ..errors import NotOwned, VmisoError
 from . import bench, containers, doctor, gc, image, net, run, slurm, stats
 
 EXIT_VMISO_ERROR = 125
@@ -39,6 +39,9 @@ def build_parser():
                         help="work directory (default: $VMISO_WORKDIR or /var/lib/vmiso)")
     parser.add_argument("--uri", default=os.environ.get("VMISO_URI", "qemu:///system"),
                         help="libvirt connection URI (default: qemu:///system)")
+    parser.add_argument("--agent-id", default=os.environ.get("VMISO_AGENT_ID", "vmiso"), metavar="ID",
+                        help="act as this agent: only its containers can be killed, removed or "
+                             "collected; others' are read-only (default: $VMISO_AGENT_ID or vmiso)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("VMISO_ACCEL", "auto"),
                         help="accelerator: KVM where it really works, TCG otherwise (default: auto)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what vmiso does")
@@ -56,6 +59,9 @@ def main(argv=None):
                         format="vmiso: %(levelname)s: %(message)s")
     try:
         return args.func(args) or 0
+    except NotOwned as err:
+        print(f"vmiso: error: {err} (--agent-id {err.owner} acts as that agent)", file=sys.stderr)
+        return EXIT_VMISO_ERROR
     except VmisoError as err:
         print(f"vmiso: error: {err}", file=sys.stderr)
         return EXIT_VMISO_ERROR
@@ -72,7 +78,7 @@ def isolator(args):
     """The Isolator the CLI's arguments describe (imported late: --help needs no libvirt)."""
     from ..isolator import Isolator
 
-    iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel)
+    iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel, agent_id=args.agent_id)
     _OPENED.append(iso)
     return iso
 

@@ -10,6 +10,7 @@ import threading
 from .. import slurm
 from ..errors import InvalidSpec
 from ..spec import R_DESTROYED, R_GUEST_EXITED, R_TIMEOUT, Resources, TaskSpec
+from . import terminal
 
 EXIT_TIMEOUT = 124   # as GNU timeout
 EXIT_KILLED = 137    # as docker: 128 + SIGKILL
@@ -45,6 +46,7 @@ def register(sub):
     p.add_argument("--name", help="container id (default: slurm-<job>.<step> in a Slurm job, else a random one)")
     p.add_argument("-d", "--detach", action="store_true", help="print the container id and return at once")
     p.add_argument("--json", action="store_true", help="with -d: print the status as JSON")
+    terminal.add_raw_flag(p)
     # REMAINDER: everything from CMD on belongs to the task, options included (as docker run).
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARG...]", help="the command and its arguments")
     p.set_defaults(func=run)
@@ -104,13 +106,13 @@ def run(args):
         if args.detach:
             print(json.dumps(status.to_dict()) if args.json else container_id)
             return 0
-        return _attach(iso, container_id)
+        return _attach(iso, container_id, raw=args.raw)
     finally:
         if record is not None:
             record.release()
 
 
-def _attach(iso, container_id):
+def _attach(iso, container_id, raw=False):
     """Stream the output, wait, remove the VM. SIGINT/SIGTERM kill the task first."""
     received = []
 
@@ -122,12 +124,16 @@ def _attach(iso, container_id):
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        filters = {name: terminal.filter_for(stream, raw) for name, stream in streams.items()}
         for name, data in iso.output(container_id):
             try:
-                streams[name].write(data)
+                streams[name].write(filters[name].feed(data))
                 streams[name].flush()
             except BrokenPipeError:  # `vmiso run ... | head`: the task runs on, its output is dropped
                 streams[name] = open(os.devnull, "wb")  # noqa: SIM115 (lives as long as the run)
+        for name, stream in streams.items():
+            stream.write(filters[name].close())
+            stream.flush()
         termination = iso.wait(container_id)
     finally:
         for s, handler in previous.items():

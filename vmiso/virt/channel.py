@@ -104,38 +104,49 @@ def _tail_of_stream(path):
 
 
 class ExitLineFilter:
-    """Strips the exit line from a stream of stdout chunks without ever delaying other bytes
-    longer than needed: only a tail that could still become the exit line is held back."""
+    """Strips the exit line from a stream of stdout chunks. The guest is hostile: it knows the
+    nonce, so it can print the marker's prefix anywhere. Only a tail that could still become
+    the exit line (the prefix, up to three digits and a newline, at the very end of what was
+    read) is held back: at most MAX_HELD bytes, whatever the guest writes after a forged
+    prefix streams as it arrives."""
 
     def __init__(self, nonce):
         self.prefix = marker_prefix(nonce)
         self.regex = _exit_re(nonce)
+        self.max_held = len(self.prefix) + len(b"255\n")
         self.held = b""
         self.exit_code = None
 
+    def _could_end_with_marker(self, tail):
+        """True if ``tail`` is the start of an exit line, or a whole one."""
+        if len(tail) <= len(self.prefix):
+            return self.prefix.startswith(tail)
+        if not tail.startswith(self.prefix):
+            return False
+        rest = tail[len(self.prefix):]
+        if rest.endswith(b"\n"):
+            return 1 <= len(rest) - 1 <= 3 and rest[:-1].isdigit()
+        return len(rest) <= 3 and (not rest or rest.isdigit())
+
     def feed(self, data):
         buf = self.held + data
-        start = buf.find(self.prefix)
-        if start >= 0:
-            self.held = buf[start:]
-            return buf[:start]
-        keep = 0
-        for n in range(min(len(self.prefix) - 1, len(buf)), 0, -1):
-            if buf.endswith(self.prefix[:n]):
-                keep = n
-                break
-        self.held = buf[len(buf) - keep:] if keep else b""
-        return buf[: len(buf) - keep]
+        first = max(0, len(buf) - self.max_held)
+        start = buf.find(self.prefix[:1], first)
+        while start >= 0 and not self._could_end_with_marker(buf[start:]):
+            start = buf.find(self.prefix[:1], start + 1)
+        if start < 0:
+            self.held = b""
+            return buf
+        self.held = buf[start:]
+        return buf[:start]
 
     def close(self):
         """The held bytes that were not the exit line (the exit code is in ``exit_code``)."""
         held, self.held = self.held, b""
-        last = held.rfind(self.prefix)
-        if last >= 0:
-            match = self.regex.match(held, last)
-            if match is not None:
-                self.exit_code = int(match.group(1))
-                return held[:last]
+        match = self.regex.fullmatch(held)
+        if match is not None:
+            self.exit_code = int(match.group(1))
+            return b""
         return held
 
 

@@ -71,6 +71,10 @@ _STOPPED_DETAILS = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "snapshot",
 }
+_SUSPENDED_DETAILS = {
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED: "paused",    # someone paused it
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR: "ioerror",  # a disk error with policy "stop"
+}
 
 
 class Host:
@@ -186,7 +190,8 @@ class Host:
         if fn is not None:
             try:
                 name = _EVENTS.get(event, str(event))
-                fn(name, _STOPPED_DETAILS.get(detail, str(detail)) if name == "stopped" else None)
+                details = {"stopped": _STOPPED_DETAILS, "suspended": _SUSPENDED_DETAILS}.get(name)
+                fn(name, details.get(detail, str(detail)) if details else None)
             except Exception:  # an exception must never kill libvirt's event thread
                 log.exception("lifecycle handler for %s failed", dom.name())
 

@@ -16,9 +16,14 @@ IFS= read -r nonce <"$d/nonce"  # a builtin: every fork counts under TCG
 # decode B64: sets $v to the decoded bytes, trailing newlines included (the x guards them).
 decode() { v=$(printf '%s' "$1" | base64 -d; echo x); v=${v%x}; }
 
+# The task's environment is never exported into this shell: a task variable named like one of
+# ours (d, out, err, nonce, workdir, PATH, IFS, ...) would change what the wrapper does. Its
+# NAME=VALUE pairs go first in the positional parameters, then "--" (no pair is "--": every
+# pair holds "="), then the argv; the shell that execs the task exports them last of all.
 set --
+while IFS= read -r line; do decode "$line"; set -- "$@" "$v"; done < "$d/env"
+set -- "$@" --
 while IFS= read -r line; do decode "$line"; set -- "$@" "$v"; done < "$d/argv"
-while IFS= read -r line; do decode "$line"; export "$v"; done < "$d/env"
 unset line v
 workdir=/
 if [ -s "$d/workdir" ]; then decode "$(cat "$d/workdir")"; workdir=$v; fi
@@ -40,9 +45,12 @@ listener=$!
 
 if cd "$workdir" 2>"$err"; then
   echo VMISO-TASK-START >/dev/ttyS0 2>/dev/null  # the host's "task started" marker (vmiso bench)
-  # $$ and "$@" belong to the inner shell. No pid file (a read-only /run): the task runs anyway,
-  # only without a graceful stop.
-  sh -c 'echo $$ >"$0" 2>/dev/null; exec "$@"' "$pidfile" "$@" </dev/null >"$out" 2>"$err"
+  # $$ and "$@" belong to the inner shell, which uses no variable of its own: it exports the
+  # pairs up to "--" and execs the rest (the task's PATH finds the command, as in docker). No
+  # pid file (a read-only /run): the task runs anyway, only without a graceful stop.
+  sh -c 'echo $$ >"$0" 2>/dev/null
+    while [ "$1" != -- ]; do export "$1"; shift; done; shift
+    exec "$@"' "$pidfile" "$@" </dev/null >"$out" 2>"$err"
   code=$?
 else
   code=126
