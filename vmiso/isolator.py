@@ -77,6 +77,10 @@ class Isolator:
         if size is not None and size < image.virtual_size:
             raise InvalidSpec("disk_gib", f"{spec.resources.disk_gib} GiB is smaller than the image "
                                           f"({image.virtual_size / 1024**3:.2f} GiB)")
+        if spec.network is not None:  # a bridge, address or MAC the operator's plan refuses: before anything is made
+            from .net import port
+
+            port.check(self.workdir.root, container_id, spec.network)
         with self._lock:
             if container_id in self._containers:
                 raise AlreadyExists("container", container_id)

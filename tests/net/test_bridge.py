@@ -1,5 +1,7 @@
 """Bridges in a throwaway namespace, checked with ``ip -d -j link``: ensure is idempotent, bad
 input changes nothing, delete leaves nothing."""
+import json
+
 import pytest
 
 from vmiso.errors import AlreadyExists, InvalidSpec, KernelFeatureMissing, NetworkError, NotFound
@@ -62,6 +64,31 @@ def test_bad_input_changes_nothing(ns, wd):
     assert {k: v for k, v in links().items() if not k.startswith("vmtx")} == before
     with pytest.raises(NotFound):
         api.show_bridge(wd, "nope")
+
+
+def test_cli_stores_and_shows_the_tenant_policy(ns, wd, capsys):
+    from vmiso.cli.main import main
+
+    argv = ["--workdir", str(wd), "net", "bridge"]
+    assert main([*argv, "create", "br0", "--address", "10.77.0.1/24", "--no-tenant-ip", "--no-tenant-mac",
+                 "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert (created["managed"], created["tenant_ip"], created["tenant_mac"]) == (True, False, False)
+    assert main([*argv, "create", "br0", "--tenant-mac"]) == 0  # only what is given changes
+    text = capsys.readouterr().out
+    assert "tenant ip= no, tenant mac= yes" in text, text
+    assert main([*argv, "show", "br0", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["tenant_ip"], shown["tenant_mac"], shown["subnet"]) == (False, True, "10.77.0.0/24")
+    nsutil.run("ip", "link", "add", "lan0", "type", "bridge")
+    assert main([*argv, "list", "--json"]) == 0
+    listed = {b["name"]: b for b in json.loads(capsys.readouterr().out)}
+    assert listed["br0"]["tenant_ip"] is False
+    assert (listed["lan0"]["managed"], listed["lan0"]["tenant_ip"]) == (False, None)
+    assert main([*argv, "list"]) == 0
+    assert "lan0: " in (out := capsys.readouterr().out) and "no plan: not vmiso's" in out, out
+    assert main([*argv, "create", "lan0"]) == 0  # adopting: a plan, the defaults
+    assert "tenant ip= yes, tenant mac= yes" in capsys.readouterr().out
 
 
 def test_mtu_above_what_a_port_allows_is_refused(ns, wd):

@@ -76,19 +76,54 @@ def test_bad_requests_change_nothing(br, wd):
     port.wire(wd, port.plan(wd, "c1", NetworkSpec(br, ip="10.90.0.50/24", mac="02:11:22:33:44:55")),
               NetworkSpec(br, ip="10.90.0.50/24", mac="02:11:22:33:44:55"))
     before_links, before_store = link_names(), ipam.Store(wd).leases()
+    ipam.Store(wd).set_plan("gonebr", subnet="10.92.0.0/24")
+    nsutil.run("ip", "link", "add", "otherbr", "type", "bridge")  # someone else's: no plan
+    before_links, before_store = link_names(), ipam.Store(wd).leases()
     bad = [
-        (NotFound, NetworkSpec("nosuchbr")),
+        (InvalidSpec, NetworkSpec("nosuchbr")),                      # neither a plan nor a bridge
+        (InvalidSpec, NetworkSpec("otherbr")),                       # a bridge, but not vmiso's
+        (NotFound, NetworkSpec("gonebr")),                           # a plan whose bridge is gone
         (InvalidSpec, NetworkSpec(br, ip="10.91.0.5/24")),           # outside the subnet
         (AlreadyExists, NetworkSpec(br, ip="10.90.0.50/24")),        # taken
         (AlreadyExists, NetworkSpec(br, ip="10.90.0.1/24")),         # the bridge's own
         (AlreadyExists, NetworkSpec(br, mac="02:11:22:33:44:55")),   # duplicate MAC
     ]
     for error, spec in bad:
-        with pytest.raises(error):
-            port.plan(wd, "c2", spec)
+        for call in (port.check, port.plan):
+            with pytest.raises(error):
+                call(wd, "c2", spec)
     assert link_names() == before_links and ipam.Store(wd).leases() == before_store
     with pytest.raises(InvalidSpec):
         NetworkSpec(br, mac="01:00:5e:00:00:01")  # multicast: refused before anything runs
+    port.release(wd, "c1")
+
+
+def test_only_bridges_with_a_plan_take_guests(ns, wd):
+    """A bridge vmiso did not make is refused, naming the command that adopts it; adopted, it works."""
+    nsutil.run("ip", "link", "add", "lan0", "type", "bridge")
+    nsutil.run("ip", "addr", "add", "10.93.0.1/24", "dev", "lan0")
+    with pytest.raises(InvalidSpec, match="vmiso net bridge create lan0") as info:
+        port.plan(wd, "c1", NetworkSpec("lan0"))
+    assert info.value.field == "bridge" and ipam.Store(wd).leases() == {}
+    info = api.create_bridge(wd, "lan0", subnet="10.93.0.0/24")
+    assert info["managed"] and info["addresses"][0] == "10.93.0.1/24"
+    lease = port.plan(wd, "c1", NetworkSpec("lan0"))
+    assert lease["ip"] == "10.93.0.2/24"  # .1 is the bridge's own address in the kernel, though not in the plan
+    with pytest.raises(AlreadyExists, match="bridge's own"):
+        port.plan(wd, "c2", NetworkSpec("lan0", ip="10.93.0.1/24"))
+    port.release(wd, "c1")
+
+
+def test_operator_forbids_tenant_identities(ns, wd):
+    api.create_bridge(wd, "br0", address="10.94.0.1/24", tenant_ip=False, tenant_mac=False)
+    for spec, field in ((NetworkSpec("br0", ip="10.94.0.9/24"), "ip"),
+                        (NetworkSpec("br0", mac="02:00:00:00:00:09"), "mac")):
+        with pytest.raises(InvalidSpec, match="operator's policy") as info:
+            port.plan(wd, "c1", spec)
+        assert info.value.field == field
+    assert ipam.Store(wd).leases() == {} and not [n for n in link_names() if n.startswith("vmi")]
+    lease = port.plan(wd, "c1", NetworkSpec("br0"))
+    assert lease["ip"] == "10.94.0.2/24"
     port.release(wd, "c1")
 
 

@@ -1,5 +1,6 @@
 """``vmiso net``: operator bridges (create/delete/list/show), guest leases, and the wiring
 benchmark; also the ``--network`` option's parser for ``vmiso run``. Only calls vmiso.net."""
+import argparse
 import json
 
 from ..errors import InvalidSpec
@@ -16,9 +17,10 @@ def register(sub):
     b = nsub.add_parser("bridge", help="create, delete, list or show bridges")
     bsub = b.add_subparsers(dest="bridge_command", metavar="ACTION")
     bsub.required = True
-    c = bsub.add_parser("create", help="create a bridge or converge an existing one",
+    c = bsub.add_parser("create", help="create a bridge, or adopt and converge an existing one",
                         description="STP off, guest router advertisements kept from the host, the MTU "
-                                    "set on the bridge and all its ports.")
+                                    "set on the bridge and all its ports. Tasks may use only bridges "
+                                    "made or adopted this way (they have an address plan).")
     c.add_argument("name")
     c.add_argument("--mtu", type=int, help="MTU of the bridge and every port (68-65535)")
     c.add_argument("--vlan-filtering", action="store_true",
@@ -28,6 +30,11 @@ def register(sub):
     c.add_argument("--subnet", metavar="CIDR", help="the subnet guests get addresses from")
     c.add_argument("--isolated-ports", action="store_true", default=None,
                    help="guest ports are isolated: they reach the bridge and other ports, not each other")
+    c.add_argument("--tenant-ip", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether a task may ask for its own address (--network ...,ip=); default: yes on a "
+                        "new plan, unchanged on an existing one")
+    c.add_argument("--tenant-mac", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether a task may ask for its own MAC (--network ...,mac=); default as --tenant-ip")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=bridge_create)
     d = bsub.add_parser("delete", help="delete a bridge (refused while guests are on it)")
@@ -66,15 +73,25 @@ def _print(obj, as_json):
         print(f"{bridge['name']}: mtu {bridge['mtu']}, stp {'on' if bridge['stp'] else 'off'}, vlan filtering "
               f"{'on' if bridge['vlan_filtering'] else 'off'}, addresses {' '.join(bridge['addresses']) or '-'}, "
               f"subnet {bridge['subnet'] or '-'}, ports {ports}")
+        if bridge["managed"]:
+            print(f"  plan: isolated ports {_yes(bridge['isolated_ports'])}, tenant ip= {_yes(bridge['tenant_ip'])}, "
+                  f"tenant mac= {_yes(bridge['tenant_mac'])}")
+        else:
+            print("  no plan: not vmiso's (tasks cannot use it until 'vmiso net bridge create' adopts it)")
         for cid, lease in bridge["leases"].items():
             print(f"  {cid}: {lease['ip']} {lease['mac']} {lease.get('tap') or ''}")
+
+
+def _yes(flag):
+    return "yes" if flag else "no"
 
 
 def bridge_create(args):
     from ..net import api
 
     _print(api.create_bridge(args.workdir, args.name, mtu=args.mtu, vlan_filtering=args.vlan_filtering,
-                             address=args.address, subnet=args.subnet, isolated_ports=args.isolated_ports),
+                             address=args.address, subnet=args.subnet, isolated_ports=args.isolated_ports,
+                             tenant_ip=args.tenant_ip, tenant_mac=args.tenant_mac),
            args.json)
 
 

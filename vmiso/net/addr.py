@@ -1,4 +1,4 @@
-"""Pure rules for network names and addresses: interface names, MACs, IPv4 CIDRs.
+"""Pure rules for network names and addresses: interface names, MACs (a guest's among them), IPv4 CIDRs.
 
 No netlink here (spec.py validates with these, and importing vmiso must stay cheap). Every
 check raises InvalidSpec naming the field, so bad input is refused before anything changes.
@@ -37,18 +37,38 @@ def parse_mac(text, field="mac"):
     return mac
 
 
+def guest_mac(text, field="mac"):
+    """``text`` as a MAC a guest may have: locally administered unicast. A globally unique
+    (vendor) MAC names someone's hardware, which a tenant must not be able to impersonate, and
+    ``fe:..`` is the host side of vmiso's own taps (tap_mac), so both are refused."""
+    mac = parse_mac(text, field)
+    first = int(mac[:2], 16)
+    if not first & 0x02:  # the U/L bit
+        raise InvalidSpec(field, f"{mac} is a globally unique (vendor) address; a guest's MAC must be "
+                                 f"locally administered unicast (first octet x2, x6, xa or xe, e.g. 02:...)")
+    if first == TAP_OCTET:
+        raise InvalidSpec(field, f"{mac}: MACs beginning with {TAP_OCTET:02x} are the host side of vmiso's taps")
+    return mac
+
+
+TAP_OCTET = 0xFE  # first octet of every tap's own MAC (tap_mac); never a guest's
+
+
 def derive_mac(seed, attempt=0):
-    """A locally administered unicast MAC from ``seed`` (stable: same seed, same MAC)."""
+    """A locally administered unicast MAC from ``seed`` (stable: same seed, same MAC), never
+    beginning with TAP_OCTET (its tap's MAC would then be its own)."""
     digest = hashlib.sha256(f"{seed}\0{attempt}".encode()).digest()
     octets = bytearray(digest[:6])
     octets[0] = (octets[0] & 0xFC) | 0x02  # U/L bit set (local), I/G bit clear (unicast)
+    if octets[0] == TAP_OCTET:
+        octets[0] = 0x02
     return ":".join(f"{b:02x}" for b in octets)
 
 
 def tap_mac(guest_mac):
     """The tap's own MAC: the guest's with the first octet 0xfe, as libvirt does, so the high
     byte keeps the bridge from ever taking a tap's address as its own."""
-    return "fe" + guest_mac[2:]
+    return f"{TAP_OCTET:02x}" + guest_mac[2:]
 
 
 def link_local(mac):

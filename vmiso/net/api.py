@@ -2,7 +2,9 @@
 
 A bridge's facts (MTU, STP, VLAN filtering, ports, addresses) live in the kernel and are read
 back from it; what only vmiso knows (the subnet it allocates guests from, the address reserved
-for the bridge, whether guest ports are isolated) lives in the work directory's store.
+for the bridge, whether guest ports are isolated, whether a task may choose its address or MAC)
+lives in the work directory's store. Only a bridge with a plan there takes guests: "create" on a
+bridge someone else made adopts it (and converges it like one of vmiso's own).
 """
 import ipaddress
 
@@ -11,10 +13,11 @@ from . import addr, bridge, ipam
 
 
 def create_bridge(workdir, name, *, mtu=None, vlan_filtering=False, address=None, subnet=None,
-                  isolated_ports=None):
+                  isolated_ports=None, tenant_ip=None, tenant_mac=None):
     """Ensure bridge ``name`` and its plan. ``address`` (A.B.C.D/NN) goes on the bridge and its
     subnet becomes the plan's unless ``subnet`` says otherwise; the address is never leased.
-    Everything is checked before anything changes; safe to repeat."""
+    ``tenant_ip``/``tenant_mac`` False: a task may not ask for its own address/MAC here. None
+    keeps what the plan says. Everything is checked before anything changes; safe to repeat."""
     iface = addr.parse_cidr(address, "address") if address is not None else None
     net = addr.parse_subnet(subnet) if subnet is not None else (iface.network if iface else None)
     if iface is not None and iface.ip not in net:
@@ -26,9 +29,8 @@ def create_bridge(workdir, name, *, mtu=None, vlan_filtering=False, address=None
                 raise InvalidSpec("subnet", f"{net} excludes {lease['ip']} leased to {cid}")
     info = bridge.ensure(name, mtu=mtu, vlan_filtering=vlan_filtering,
                          address=str(iface) if iface else None)
-    if net is not None or isolated_ports is not None:
-        store.set_plan(name, subnet=str(net) if net else None, gateway=str(iface.ip) if iface else None,
-                       isolated_ports=isolated_ports)
+    store.set_plan(name, subnet=str(net) if net else None, gateway=str(iface.ip) if iface else None,
+                   isolated_ports=isolated_ports, tenant_ip=tenant_ip, tenant_mac=tenant_mac)
     return _with_plan(info, store)
 
 
@@ -54,11 +56,17 @@ def list_bridges(workdir):
 
 
 def _with_plan(info, store):
+    """``info`` plus the plan: ``managed`` (it has one: tasks may use the bridge), the subnet,
+    the gateway, and the policies (None where there is no plan)."""
     plan = store.plan(info["name"])
     info = dict(info)
+    info["managed"] = plan is not None
+    plan = plan or {}
     info["subnet"] = plan.get("subnet")
     info["gateway"] = plan.get("gateway")
     info["isolated_ports"] = bool(plan.get("isolated_ports", False))
+    for key in ("tenant_ip", "tenant_mac"):
+        info[key] = bool(plan.get(key, True)) if info["managed"] else None
     info["leases"] = {cid: {k: v for k, v in lease.items() if k != "bridge"}
                       for cid, lease in sorted(store.leases(info["name"]).items())}
     return info

@@ -6,11 +6,18 @@ exclusive flock of ``<workdir>/net/ipam.lock`` and replaced atomically (temp fil
 rename), so a crash leaves the old store or the new one::
 
   {"version": 1,
-   "plans":  {"<bridge>": {"subnet": "10.77.0.0/24", "gateway": "10.77.0.1", "isolated_ports": false}},
+   "plans":  {"<bridge>": {"subnet": "10.77.0.0/24", "gateway": "10.77.0.1", "isolated_ports": false,
+                           "tenant_ip": true, "tenant_mac": true}},
    "leases": {"<container id>": {"bridge": "...", "ip": "10.77.0.2/24", "mac": "02:..", "tap": "vmi.."}}}
 
 A lease is keyed by its container id: releasing by id is idempotent, and whatever a crashed
 launch allocated is found again by the id alone.
+
+Identities are the operator's policy, not the tenant's choice: a task gets a port only on a
+bridge that has a plan here (made by ``vmiso net bridge create``); an address it asks for must
+lie in the plan's subnet and be neither the subnet's network or broadcast address, nor the
+bridge's own, nor another lease; and the plan may forbid asking for an address or a MAC at all
+(``tenant_ip``/``tenant_mac`` false). A missing flag counts as true (plans written before them).
 """
 import contextlib
 import ipaddress
@@ -63,15 +70,18 @@ class Store:
         write_atomic(self.path, json.dumps(data, sort_keys=True, indent=1).encode() + b"\n", 0o600)
 
     # --- plans ----------------------------------------------------------------------------------
-    def set_plan(self, bridge, *, subnet=None, gateway=None, isolated_ports=None):
-        """Declare (or change) a bridge's plan. A subnet that would strand a lease is refused."""
+    def set_plan(self, bridge, *, subnet=None, gateway=None, isolated_ports=None, tenant_ip=None,
+                 tenant_mac=None):
+        """Declare (or change) a bridge's plan; None leaves a field as it is (a new plan: no
+        subnet, ports not isolated, tenants may ask for an address and a MAC). A subnet that
+        would strand a lease is refused."""
         addr.validate_ifname(bridge, "bridge")
         net = addr.parse_subnet(subnet) if subnet is not None else None
         gw = ipaddress.IPv4Address(gateway) if gateway is not None else None
         if net is not None and gw is not None and gw not in net:
             raise InvalidSpec("address", f"{gw} is not in {net}")
         with self._locked(write=True) as data:
-            plan = dict(data["plans"].get(bridge, {}))
+            plan = dict(data["plans"].get(bridge, {"isolated_ports": False, "tenant_ip": True, "tenant_mac": True}))
             if net is not None:
                 for cid, lease in data["leases"].items():
                     if lease["bridge"] == bridge and ipaddress.IPv4Interface(lease["ip"]).ip not in net:
@@ -79,14 +89,25 @@ class Store:
                 plan["subnet"] = str(net)
             if gw is not None:
                 plan["gateway"] = str(gw)
-            if isolated_ports is not None:
-                plan["isolated_ports"] = bool(isolated_ports)
+            for key, value in (("isolated_ports", isolated_ports), ("tenant_ip", tenant_ip),
+                               ("tenant_mac", tenant_mac)):
+                if value is not None:
+                    plan[key] = bool(value)
             data["plans"][bridge] = plan
             return dict(plan)
 
     def plan(self, bridge):
+        """The bridge's plan as a dict, None when it has none (vmiso does not manage it)."""
         with self._locked(write=False) as data:
-            return dict(data["plans"].get(bridge, {}))
+            plan = data["plans"].get(bridge)
+            return dict(plan) if plan is not None else None
+
+    def require_plan(self, bridge):
+        """The bridge's plan; InvalidSpec (field ``bridge``) when it has none."""
+        plan = self.plan(bridge)
+        if plan is None:
+            raise _unmanaged(self.path, bridge)
+        return plan
 
     def drop_plan(self, bridge):
         """Forget a bridge's plan; refused while a lease is on it."""
@@ -97,25 +118,30 @@ class Store:
             data["plans"].pop(bridge, None)
 
     # --- leases ---------------------------------------------------------------------------------
-    def allocate(self, owner, bridge, *, ip=None, mac=None, tap=None, taken_macs=()):
+    def allocate(self, owner, bridge, *, ip=None, mac=None, tap=None, taken_macs=(), reserved_ips=()):
         """Lease an address and a MAC on ``bridge`` to ``owner``; returns the lease (a dict).
 
-        ``ip``: a requested ``A.B.C.D/NN`` (must be in the bridge's subnet when it has a plan and
-        free); None: the lowest free one of the plan. ``mac``: requested (must be unused) or None
-        (derived from the owner). ``taken_macs``: MACs in use on the host outside the store.
+        The bridge must have a plan. ``ip``: a requested ``A.B.C.D/NN`` (the plan must allow it,
+        and it must be a free host address of the plan's subnet); None: the lowest free one.
+        ``mac``: requested (the plan must allow it; locally administered unicast, unused) or None
+        (derived from the owner). ``taken_macs``: MACs in use on the host outside the store;
+        ``reserved_ips``: the bridge's own addresses in the kernel besides the plan's gateway.
         Allocating again for an owner that holds a lease returns that lease unchanged.
         """
         with self._locked(write=True) as data:
-            leases = data["leases"]
-            if owner in leases:
-                return dict(leases[owner])
-            plan = data["plans"].get(bridge, {})
-            on_bridge = {ipaddress.IPv4Interface(v["ip"]).ip: c for c, v in leases.items() if v["bridge"] == bridge}
-            iface = _choose_ip(bridge, plan, on_bridge, ip)
-            used = {v["mac"] for v in leases.values()} | {m.lower() for m in taken_macs}
-            lease = {"bridge": bridge, "ip": str(iface), "mac": _choose_mac(owner, mac, used), "tap": tap}
-            leases[owner] = lease
+            if owner in data["leases"]:
+                return dict(data["leases"][owner])
+            lease = _choose(self.path, data, owner, bridge, ip, mac, taken_macs, reserved_ips)
+            lease["tap"] = tap
+            data["leases"][owner] = lease
             return dict(lease)
+
+    def check(self, owner, bridge, *, ip=None, mac=None, taken_macs=(), reserved_ips=()):
+        """Raise what allocate() would raise for this request, changing nothing (a launch asks
+        before it makes anything; allocate() checks again under its lock)."""
+        with self._locked(write=False) as data:
+            if owner not in data["leases"]:
+                _choose(self.path, data, owner, bridge, ip, mac, taken_macs, reserved_ips)
 
     def set_tap(self, owner, tap):
         with self._locked(write=True) as data:
@@ -138,30 +164,58 @@ class Store:
             return {c: dict(v) for c, v in data["leases"].items() if bridge is None or v["bridge"] == bridge}
 
 
-def _choose_ip(bridge, plan, on_bridge, requested):
+def _choose(path, data, owner, bridge, ip, mac, taken_macs, reserved_ips):
+    """A new lease's bridge, ip and mac for this request, or the error that refuses it."""
+    plan = data["plans"].get(bridge)
+    if plan is None:
+        raise _unmanaged(path, bridge)
+    leases = data["leases"]
+    on_bridge = {ipaddress.IPv4Interface(v["ip"]).ip: c for c, v in leases.items() if v["bridge"] == bridge}
+    own = {ipaddress.IPv4Address(a) for a in reserved_ips}
+    if plan.get("gateway"):
+        own.add(ipaddress.IPv4Address(plan["gateway"]))
+    iface = _choose_ip(bridge, plan, on_bridge, own, ip)
+    used = {v["mac"] for v in leases.values()} | {m.lower() for m in taken_macs}
+    return {"bridge": bridge, "ip": str(iface), "mac": _choose_mac(bridge, plan, owner, mac, used)}
+
+
+def _unmanaged(path, bridge):
+    return InvalidSpec("bridge", f"{bridge} is not a bridge vmiso manages (it has no plan in {path}): an "
+                                 f"operator creates or adopts it with 'vmiso net bridge create {bridge} --subnet CIDR'")
+
+
+def _choose_ip(bridge, plan, on_bridge, own, requested):
     net = ipaddress.IPv4Network(plan["subnet"]) if plan.get("subnet") else None
-    gateway = ipaddress.IPv4Address(plan["gateway"]) if plan.get("gateway") else None
     if requested is not None:
-        iface = addr.parse_cidr(requested, "ip")
-        if net is not None and (iface.ip not in net or iface.network != net):
+        if not plan.get("tenant_ip", True):
+            raise InvalidSpec("ip", f"bridge {bridge} does not let a task choose its address (the operator's "
+                                    f"policy): leave ip= out and one is assigned")
+        if net is None:
+            raise InvalidSpec("ip", f"bridge {bridge} has no subnet to check {requested} against: the operator "
+                                    f"declares one with 'vmiso net bridge create {bridge} --subnet CIDR'")
+        iface = addr.parse_cidr(requested, "ip")  # refuses the network and broadcast addresses
+        if iface.ip not in net or iface.network != net:
             raise InvalidSpec("ip", f"{iface} is outside bridge {bridge}'s subnet {net}")
-        if iface.ip == gateway:
+        if iface.ip in own:
             raise AlreadyExists("address (the bridge's own)", str(iface.ip))
         if iface.ip in on_bridge:
             raise AlreadyExists("address", f"{iface.ip} (leased to {on_bridge[iface.ip]})")
         return iface
     if net is None:
-        raise InvalidSpec("ip", f"bridge {bridge} has no subnet to allocate from: give ip=A.B.C.D/NN, or "
-                                f"declare one with 'vmiso net bridge create {bridge} --subnet CIDR'")
+        raise InvalidSpec("ip", f"bridge {bridge} has no subnet to allocate from: the operator declares one "
+                                f"with 'vmiso net bridge create {bridge} --subnet CIDR'")
     for host in net.hosts():
-        if host != gateway and host not in on_bridge:
+        if host not in own and host not in on_bridge:
             return ipaddress.IPv4Interface(f"{host}/{net.prefixlen}")
     raise NetworkError(f"subnet {net} of bridge {bridge} has no free address")
 
 
-def _choose_mac(owner, requested, used):
+def _choose_mac(bridge, plan, owner, requested, used):
     if requested is not None:
-        mac = addr.parse_mac(requested)
+        if not plan.get("tenant_mac", True):
+            raise InvalidSpec("mac", f"bridge {bridge} does not let a task choose its MAC (the operator's "
+                                     f"policy): leave mac= out and one is assigned")
+        mac = addr.guest_mac(requested)
         if mac in used or addr.tap_mac(mac) in used:
             raise AlreadyExists("MAC address", mac)
         return mac

@@ -1,5 +1,7 @@
 """One guest's network end to end, as the Isolator uses it: plan, wire, unwire, release.
 
+  check()    refuses a request the bridge's plan or the kernel would refuse, changing nothing:
+             what a launch asks before it makes anything.
   plan()     checks the bridge (and the kernel, for a VLAN), then leases an address, a MAC and a
              tap name in the work directory's store (ipam.py). Before the seed is built: the
              guest learns its address from the seed's network-config.
@@ -19,29 +21,41 @@ from . import _nl, features, filter, ipam, ratelimit, tap
 log = logging.getLogger(__name__)
 
 
+def check(workdir, container_id, spec):
+    """Raise what plan() would raise for NetworkSpec ``spec``, changing nothing. Returns the
+    bridge's link message and its own IPv4 addresses (plan() takes them from here)."""
+    store = ipam.Store(workdir)
+    store.require_plan(spec.bridge)  # first: a bridge that is not vmiso's is not even looked up
+    bridge_link, own = _bridge(spec.bridge)
+    if spec.vlan is not None:
+        features.require_vlan_filtering(f"VLAN {spec.vlan} on bridge {spec.bridge}", bridge_link)
+    store.check(container_id, spec.bridge, ip=spec.ip, mac=spec.mac, taken_macs=tap.host_macs(),
+                reserved_ips=own)
+    return bridge_link, own
+
+
 def plan(workdir, container_id, spec):
     """Lease what ``container_id``'s NIC needs per NetworkSpec ``spec``; returns the lease dict
     (bridge, ip, mac, tap). Bad input raises before anything is stored."""
-    bridge_link = _bridge(spec.bridge)
-    if spec.vlan is not None:
-        features.require_vlan_filtering(f"VLAN {spec.vlan} on bridge {spec.bridge}", bridge_link)
+    bridge_link, own = check(workdir, container_id, spec)
     store = ipam.Store(workdir)
     reserved = {lease.get("tap") for lease in store.leases().values()}
     name = tap.choose_name(container_id, reserved)
-    host_macs = tap.host_macs()
     lease = store.allocate(container_id, spec.bridge, ip=spec.ip, mac=spec.mac, tap=name,
-                           taken_macs=host_macs)
+                           taken_macs=tap.host_macs(), reserved_ips=own)
     lease["mtu"] = bridge_link.get("IFLA_MTU")
     return lease
 
 
 def _bridge(name):
+    """The bridge's link message and its IPv4 addresses in the kernel; NotFound if it is none."""
     with _nl.iproute() as ipr, _nl.doing(f"looking up bridge {name}"):
         index = _nl.link_index(ipr, name)
         link = ipr.get_links(index)[0] if index is not None else None
-    if link is None or _nl.kind(link) != "bridge":
-        raise NotFound("bridge", name)
-    return link
+        if link is None or _nl.kind(link) != "bridge":
+            raise NotFound("bridge", name)
+        own = [a.split("/")[0] for a in _nl.addresses(ipr, index) if ":" not in a]
+    return link, own
 
 
 def network_config(lease):
@@ -56,7 +70,7 @@ def network_config(lease):
 
 def wire(workdir, lease, spec):
     """Make the guest's port: tap, filters, limits. On failure, removes all of it."""
-    isolated = spec.isolated or bool(ipam.Store(workdir).plan(spec.bridge).get("isolated_ports"))
+    isolated = spec.isolated or bool((ipam.Store(workdir).plan(spec.bridge) or {}).get("isolated_ports"))
     name = lease["tap"]
     try:
         tap.create(name, bridge=spec.bridge, guest_mac=lease["mac"], vlan=spec.vlan, isolated=isolated)
