@@ -1,31 +1,36 @@
-"""``vmiso stats`` (a table like ``docker stats``), ``vmiso metrics`` (Prometheus text exposition
-of the same numbers) and ``vmiso bench usage``. They only call the API and print."""
+"""``vmiso stats`` (a table like ``docker stats``), ``vmiso metrics`` (Prometheus exposition of the
+same numbers, printed once or served) and ``vmiso bench usage``.
+
+stats and metrics are read-only (accounting/observe.py): they read the containers' records, never
+recover(), so running them, or scraping them every few seconds, changes no container of any agent.
+The served exposition and its server's bounds are accounting/exporter.py's."""
+import argparse
+import ipaddress
 import json
+import socket
 import sys
 import time
 
-PREFIX = "vmiso_container_"
-# Mesos field -> (Prometheus type, help); counters only ever grow.
-METRICS = {
-    "cpus_user_time_secs": ("counter", "CPU time in user mode, seconds (QEMU and the guest)"),
-    "cpus_system_time_secs": ("counter", "CPU time in kernel mode, seconds"),
-    "cpus_limit": ("gauge", "CPUs the VM may use"),
-    "cpus_nr_periods": ("counter", "CFS periods elapsed"),
-    "cpus_nr_throttled": ("counter", "CFS periods throttled"),
-    "cpus_throttled_time_secs": ("counter", "time throttled, seconds"),
-    "threads": ("gauge", "QEMU threads"),
-    "mem_total_bytes": ("gauge", "memory charged to the VM's cgroup, QEMU included"),
-    "mem_rss_bytes": ("gauge", "QEMU's resident set"),
-    "mem_cache_bytes": ("gauge", "page cache charged to the VM"),
-    "mem_anon_bytes": ("gauge", "anonymous memory charged to the VM"),
-    "mem_file_bytes": ("gauge", "file-backed memory charged to the VM"),
-    "mem_swap_bytes": ("gauge", "swap used by the VM"),
-    "mem_limit_bytes": ("gauge", "the VM's memory hard limit, QEMU's overhead included"),
-    "disk_used_bytes": ("gauge", "bytes allocated to the VM's overlay"),
-    "disk_limit_bytes": ("gauge", "virtual size of the VM's disk"),
-    **{f"net_{d}_{what}": ("counter", f"guest {d.upper()} {what}") for d in ("rx", "tx")
-       for what in ("packets", "bytes", "errors", "dropped")},
-}
+DEFAULT_LISTEN = "127.0.0.1:9465"
+
+
+def listen_address(text):
+    """``HOST:PORT`` (``[v6]:PORT``; an empty host is the loopback address, never every
+    address) -> (host, port), for argparse."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "127.0.0.1", int(port)
+
+
+def _loopback(host):
+    try:
+        return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback
+                   for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
 
 
 def register(sub):
@@ -39,9 +44,12 @@ def register(sub):
     p.set_defaults(func=stats)
 
     p = sub.add_parser("metrics", help="serve usage as Prometheus metrics",
-                       description="Serve the numbers of 'vmiso stats' in Prometheus' text format on /metrics "
-                                   "(without --listen: print them once).")
-    p.add_argument("--listen", metavar="HOST:PORT", help="e.g. 127.0.0.1:9465")
+                       description="Serve the numbers of 'vmiso stats' in Prometheus' format on /metrics "
+                                   "(without --listen: print them once). Read-only: every agent's running "
+                                   "containers, labelled container_id and agent_id; nothing is changed.")
+    p.add_argument("--listen", metavar="HOST:PORT", nargs="?", const=DEFAULT_LISTEN, type=listen_address,
+                   help=f"serve over HTTP (default address {DEFAULT_LISTEN}; another interface only when "
+                        "named here)")
     p.set_defaults(func=metrics)
 
 
@@ -61,16 +69,9 @@ def register_bench(bsub):
     p.set_defaults(func=bench_usage)
 
 
-def _collect(args):
-    from .main import isolator
-
-    iso = isolator(args)
-    iso.recover()
-    errors = {}
-    found = iso.usage_all(errors)
-    if args.id:
-        found = {k: v for k, v in found.items() if k in args.id}
-    return iso, found, errors
+def _observe(observer, args):
+    seen = observer.observe(args.id or None)
+    return seen.stats, seen.errors
 
 
 def _row(cid, s, before, elapsed):
@@ -96,7 +97,17 @@ def _size(n):
 
 
 def stats(args):
-    iso, found, errors = _collect(args)
+    from ..accounting.observe import Observer
+
+    observer = Observer(args.workdir)
+    try:
+        return _stats(observer, args)
+    finally:
+        observer.close()
+
+
+def _stats(observer, args):
+    found, errors = _observe(observer, args)
     if args.json:
         print(json.dumps({k: v.to_dict() for k, v in found.items()}, indent=1))
         return 0
@@ -116,64 +127,36 @@ def stats(args):
         sys.stdout.flush()
         previous, last = found, now
         time.sleep(args.interval)
-        errors = {}
-        found = iso.usage_all(errors)
-        if args.id:
-            found = {k: v for k, v in found.items() if k in args.id}
-
-
-def exposition(found):
-    """Prometheus text format (version 0.0.4) of {id: ResourceStatistics}."""
-    lines = []
-    for field, (kind, text) in METRICS.items():
-        rows = [(cid, getattr(s, field)) for cid, s in sorted(found.items()) if getattr(s, field) is not None]
-        if not rows:
-            continue
-        name = PREFIX + field + ("_total" if kind == "counter" and not field.endswith("_total") else "")
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        lines += [f'{name}{{container_id="{cid}"}} {value}' for cid, value in rows]
-    lines.append(f"{PREFIX}up {len(found)}")
-    return "\n".join(lines) + "\n"
+        found, errors = _observe(observer, args)
 
 
 def metrics(args):
-    from .main import isolator
+    from prometheus_client import generate_latest
 
-    iso = isolator(args)
-    iso.recover()
-    if not args.listen:
-        sys.stdout.write(exposition(iso.usage_all()))
-        return 0
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from ..accounting import exporter
+    from ..accounting.observe import Observer
 
-    host, _, port = args.listen.rpartition(":")
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            if self.path.split("?")[0] not in ("/", "/metrics"):
-                self.send_error(404)
-                return
-            with lock:
-                iso.recover()  # containers launched by other processes since the last scrape
-                body = exposition(iso.usage_all()).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_):
-            pass
-
-    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
-    print(f"serving Prometheus metrics on http://{host or '127.0.0.1'}:{server.server_port}/metrics", flush=True)
+    observer = Observer(args.workdir)
     try:
-        server.serve_forever()
+        if not args.listen:
+            sys.stdout.buffer.write(generate_latest(exporter.registry(observer)))
+            return 0
+        host, port = args.listen
+        server = exporter.MetricsServer(host, port, exporter.app(observer))
+        bound, port = server.server_address
+        shown = f"[{bound}]" if ":" in bound else bound
+        print(f"serving Prometheus metrics on http://{shown}:{port}/metrics (read-only)", flush=True)
+        if not _loopback(host):
+            print(f"vmiso: note: {host} is not a loopback address: other hosts can read every container's "
+                  "usage", file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.shutdown()
+            server.close()
+        return 0
     finally:
-        server.server_close()
-    return 0
+        observer.close()
 
 
 def bench_usage(args):
