@@ -270,6 +270,27 @@ def test_requests_beyond_workers_and_queue_get_503(serve):
             conn.close()
 
 
+def test_a_client_that_stops_reading_frees_its_worker(serve):
+    big, writing = b"x" * (64 << 20), threading.Event()  # far more than the sockets' buffers hold
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        if environ["PATH_INFO"] == "/big":
+            writing.set()
+            return [big]
+        return [b"small\n"]
+
+    server = serve(app, workers=1, queued=1, io_timeout=0.5)
+    with socket.create_connection(server.server_address, timeout=10) as stuck:
+        stuck.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads the answer
+        assert writing.wait(10)
+        conn = http.client.HTTPConnection(*server.server_address, timeout=30)
+        conn.request("GET", "/small")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"small\n")
+        conn.close()
+
+
 @pytest.mark.parametrize("given,expected", [
     ([], None),
     (["--listen"], ("127.0.0.1", 9465)),
