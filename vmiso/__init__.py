@@ -17,6 +17,7 @@ from .errors import (
     ImageError,
     InvalidSpec,
     LaunchFailed,
+    NoDiskSpace,
     NotFound,
     NotOwned,
     Timeout,
@@ -30,8 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists", "CommandFailed", "ContainerStatus", "HostError", "ImageError", "InvalidSpec",
-    "Isolator", "LaunchFailed", "NotFound", "NotOwned", "Resources", "TaskSpec", "Termination", "Timeout",
-    "UnsafeImage", "VirtError", "VmisoError",
+    "Isolator", "LaunchFailed", "NoDiskSpace", "NotFound", "NotOwned", "Resources", "TaskSpec", "Termination",
+    "Timeout", "UnsafeImage", "VirtError", "VmisoError",
 ]
 
 

@@ -46,6 +46,28 @@ class NotOwned(VmisoError, PermissionError):
                          "it is read-only here")
 
 
+class NoDiskSpace(VmisoError, OSError):
+    """A launch was refused: the work dir's file system cannot hold it (vmiso/admission.py).
+    The attributes are the numbers, in bytes."""
+
+    LAUNCH_BYTES = 8 << 20  # what a launch writes at once: seed ISO, logs, qcow2 headers
+
+    def __init__(self, path, free, reserve, promised, new, overcommit):
+        self.path, self.free, self.reserve = str(path), free, reserve
+        self.promised, self.new, self.overcommit = promised, new, overcommit
+        usable = free - reserve
+        if usable < self.LAUNCH_BYTES:
+            why = f"{_gib(free)} free, {_gib(reserve)} of it reserved"
+        else:
+            why = (f"{_gib(usable)} usable ({_gib(free)} free - {_gib(reserve)} reserved), but running disks may "
+                   f"still grow by {_gib(promised)} and this one by {_gib(new)}: more than {overcommit:g} x usable")
+        super().__init__(f"not enough disk space in {path}: {why} (see disk_reserve and disk_overcommit)")
+
+
+def _gib(n):
+    return f"{n / (1 << 30):.2f} GiB"
+
+
 class ImageError(VmisoError):
     """A disk image cannot be read or written as asked."""
 

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 
-from . import faults, state
+from . import admission, faults, state
 from .accounting import live as accounting
 from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostname, hold_launch_lock
 from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, NotOwned, Timeout, VmisoError
@@ -51,7 +51,11 @@ class Isolator:
     """
 
     def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso",
-                 cpu_probe=None):
+                 cpu_probe=None, disk_reserve=None, disk_overcommit=admission.DEFAULT_OVERCOMMIT):
+        """``disk_reserve`` (bytes kept free on the work dir's file system) and
+        ``disk_overcommit`` (how far thin disks may promise more than is free) are the disk
+        admission policy (vmiso/admission.py); a launch that does not fit raises NoDiskSpace."""
+        self.disk_policy = admission.Policy(reserve=disk_reserve, overcommit=disk_overcommit)
         self.workdir = Workdir(workdir)
         self.host = Host(uri)
         self.accel = accel_mod.choose(accel)
@@ -84,6 +88,8 @@ class Isolator:
         with self._lock:
             if container_id in self._containers:
                 raise AlreadyExists("container", container_id)
+            disk_bytes = size or image.virtual_size
+            admission.check(self.workdir.containers, self._disks_in_use(), disk_bytes, self.disk_policy)
             try:
                 directory = str(self.workdir.make_container_dir(container_id))
             except FileExistsError as err:
@@ -102,6 +108,7 @@ class Isolator:
                 deadline=time.time() + spec.timeout if spec.timeout else None,
             )
             checkpoint.extra["limits"] = accounting.limits_record(spec.resources)
+            checkpoint.extra["disk_bytes"] = disk_bytes
             c = Container(container_id, directory, checkpoint)
             c.timeline.update({"launch:start": started, "launch:image": resolved})
             c.op.acquire()  # a kill or destroy racing this launch waits until it is done
@@ -117,7 +124,7 @@ class Isolator:
             self._step(c, "launch:checkpoint")
             step = "overlay"
             qcow2.create_overlay_on_verified(c.path(OVERLAY), image.base, image.base_format,
-                                             size or image.virtual_size)
+                                             disk_bytes)
             self._step(c, "launch:overlay")
             network_config = None
             if spec.network is not None:
@@ -161,6 +168,11 @@ class Isolator:
         c.op.release()
         self._arm_timer(c)
         return self.status(container_id)
+
+    def _disks_in_use(self):
+        """(overlay path, virtual size) of each VM this Isolator runs (call with _lock held)."""
+        return [(c.path(OVERLAY), c.checkpoint.extra.get("disk_bytes", 0))
+                for c in self._containers.values() if c.termination is None]
 
     @staticmethod
     def _step(c, name):

@@ -2,8 +2,10 @@
 
 <workdir>/                 0710 root:<qemu group>: QEMU (unprivileged) may pass, nobody else
   images/                  bases (micro/<key>/, store/<sha256>)
-  containers/<id>/         overlay.qcow2, seed.iso, console.log, stdout, stderr, checkpoint.json,
-                           control.sock (the task channel's host end: stop requests to the guest)
+  containers/              0700 root:root plus an ACL entry: QEMU's user may pass (x), and no
+  containers/<id>/         group: other members of QEMU's group (kvm) may not. Inside: overlay.qcow2,
+                           seed.iso, console.log, stdout, stderr, checkpoint.json, control.sock
+                           (the task channel's host end: stop requests to the guest)
 
 Paths come only from validated container ids; nothing here follows a symlink.
 """
@@ -13,6 +15,7 @@ import os
 import pwd
 import shutil
 import stat
+import struct
 import time
 from pathlib import Path
 
@@ -41,8 +44,52 @@ def qemu_gid():
     return None
 
 
-def _ensure_dir(path, gid):
-    """Create ``path`` (not following a symlink at it) with mode 0710 and group ``gid``."""
+def qemu_uid():
+    """The user libvirt runs QEMU as, or None when there is none."""
+    for user in QEMU_USERS:
+        try:
+            return pwd.getpwnam(user).pw_uid
+        except KeyError:
+            continue
+    return None
+
+
+# POSIX ACL as the kernel stores it in "system.posix_acl_access": a version, then (tag, perm,
+# id) entries sorted by tag. Written directly: no setfacl (package acl) on a bare host.
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def _traverse_acl(uid):
+    """Owner rwx, ``uid`` may only pass (x), group and others nothing."""
+    entries = [(_ACL_USER_OBJ, 7, _ACL_UNDEFINED_ID), (_ACL_USER, 1, uid), (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
+               (_ACL_MASK, 1, _ACL_UNDEFINED_ID), (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
+    return struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def restrict_to_qemu(path):
+    """Make directory ``path`` passable by root and QEMU's user only (not by its group's other
+    members). Where the file system has no ACLs, falls back to 0710 with QEMU's group."""
+    uid, gid = qemu_uid(), qemu_gid()
+    if uid is None or gid is None:
+        os.chmod(path, 0o700)
+        return
+    st = os.lstat(path)
+    if st.st_gid != 0:
+        os.chown(path, -1, 0)
+    try:
+        os.setxattr(path, "system.posix_acl_access", _traverse_acl(uid), follow_symlinks=False)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        os.chown(path, -1, gid)  # no ACLs here: the group (kvm on Debian) may pass, as before
+        os.chmod(path, 0o710)
+
+
+def _ensure_dir(path, gid, private=False):
+    """Create ``path`` (not following a symlink at it) with mode 0710 and group ``gid``
+    (``private``: restrict_to_qemu)."""
     try:
         os.mkdir(path, 0o710)
     except FileExistsError:
@@ -50,6 +97,9 @@ def _ensure_dir(path, gid):
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise HostError(f"{path} exists and is not a directory")
+    if private:
+        restrict_to_qemu(path)
+        return
     if gid is None:
         # No separate QEMU user: QEMU runs as root or as us; keep it owner-only.
         os.chmod(path, 0o700)
@@ -72,8 +122,9 @@ class Workdir:
         gid = qemu_gid()
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True)
-            for path in (self.root, self.images, self.containers):
+            for path in (self.root, self.images):
                 _ensure_dir(path, gid)
+            _ensure_dir(self.containers, gid, private=True)
         except PermissionError as err:
             raise HostError(f"cannot set up work directory {self.root}: {err} (run as root)") from err
         return self
@@ -84,12 +135,8 @@ class Workdir:
     def make_container_dir(self, container_id):
         """Create the container's directory; FileExistsError if it is there already."""
         path = self.container_dir(container_id)
-        os.mkdir(path, 0o710)
-        gid = qemu_gid()
-        if gid is not None:
-            os.chown(path, -1, gid)
-        else:
-            os.chmod(path, 0o700)
+        os.mkdir(path, 0o700)
+        restrict_to_qemu(path)
         return path
 
     def remove_container_dir(self, container_id):

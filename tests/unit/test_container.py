@@ -1,4 +1,6 @@
 """How a task ended: decide_termination over what the guest reported and who stopped the VM."""
+import time
+
 import pytest
 
 from vmiso.container import decide_termination
@@ -22,7 +24,30 @@ def checkpoint(kill_reason=None):
     ("timeout", "shutdown", 0, ("FAILED", "timeout", 0)),  # its TERM handler exited 0
     (None, "shutdown", None, ("FAILED", "no-exit-status", None)),
     (None, "crashed", None, ("FAILED", "vm-crashed", None)),
+    ("io-error", "destroyed", None, ("FAILED", "io-error", None)),  # paused by a disk error, stopped
 ])
 def test_decide_termination(kill_reason, stop_detail, exit_code, expected):
     t = decide_termination(checkpoint(kill_reason), stop_detail, exit_code)
     assert (t.state, t.reason, t.exit_code) == expected and t.message
+
+
+def test_a_vm_paused_by_a_disk_error_is_reported_and_stopped(tmp_path, monkeypatch):
+    """libvirt's "suspended/ioerror" event: status says PAUSED, and the VM is stopped with
+    reason io-error (a VM paused on ENOSPC would otherwise wait forever)."""
+    from vmiso.container import Container
+    from vmiso.isolator import Isolator
+
+    iso = Isolator(workdir=str(tmp_path), accel="tcg")
+    c = Container("c1", str(tmp_path), checkpoint())
+    killed = []
+    monkeypatch.setattr(iso, "kill", lambda cid, grace, reason: killed.append((cid, reason)))
+    iso._on_lifecycle(c, "suspended", "paused")
+    assert c.paused == "paused" and killed == []  # paused by someone: only reported
+    iso._on_lifecycle(c, "resumed", None)
+    assert c.paused is None
+    iso._on_lifecycle(c, "suspended", "ioerror")
+    for _ in range(100):
+        if killed:
+            break
+        time.sleep(0.01)
+    assert c.paused == "ioerror" and killed == [("c1", "io-error")]

@@ -33,6 +33,9 @@ def test_direct_kernel_boot_domain():
     assert disks[0].find("backingStore/format").get("type") == "qcow2"  # never probed
     assert disks[0].find("backingStore/source/seclabel").get("relabel") == "no"  # the base stays root's
     assert disks[1].find("readonly") is not None and disks[1].find("driver").get("type") == "raw"
+    # A full host file system is an I/O error in the guest, never a VM paused forever.
+    assert {(d.find("driver").get("error_policy"), d.find("driver").get("rerror_policy")) for d in disks} == {
+        ("report", "report")}
     assert {s.get("type") for s in root.findall("devices/serial")} == {"null"}  # logged by virtlogd
     assert [s.find("log").get("file") for s in root.findall("devices/serial")] == [
         "/w/c/console.log", "/w/c/stdout", "/w/c/stderr"]

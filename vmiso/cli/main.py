@@ -44,6 +44,13 @@ def build_parser():
                              "collected; others' are read-only (default: $VMISO_AGENT_ID or vmiso)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("VMISO_ACCEL", "auto"),
                         help="accelerator: KVM where it really works, TCG otherwise (default: auto)")
+    parser.add_argument("--disk-reserve", type=_size_arg, default=os.environ.get("VMISO_DISK_RESERVE"),
+                        metavar="SIZE", help="keep this much free on the work dir's file system: a launch that "
+                                             "would not is refused (e.g. 10G; default: $VMISO_DISK_RESERVE or "
+                                             "5%% of the file system, at most 2G)")
+    parser.add_argument("--disk-overcommit", type=float, default=float(os.environ.get("VMISO_DISK_OVERCOMMIT", 4)),
+                        metavar="RATIO", help="thin disks of running VMs may promise up to RATIO times the usable "
+                                              "space (default: $VMISO_DISK_OVERCOMMIT or 4)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what vmiso does")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -71,6 +78,21 @@ def main(argv=None):
         _close_isolators()
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size_arg(text):
+    """Bytes from "123", "512M", "10G" (binary units, as qemu-img and dd read them)."""
+    unit = text[-1:].upper() if text[-1:].isalpha() else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        if unit not in _UNITS:
+            raise ValueError(text)
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 10G") from None
+
+
 _OPENED = []  # the Isolators this command made
 
 
@@ -78,7 +100,8 @@ def isolator(args):
     """The Isolator the CLI's arguments describe (imported late: --help needs no libvirt)."""
     from ..isolator import Isolator
 
-    iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel, agent_id=args.agent_id)
+    iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel, agent_id=args.agent_id,
+                   disk_reserve=args.disk_reserve, disk_overcommit=args.disk_overcommit)
     _OPENED.append(iso)
     return iso
 

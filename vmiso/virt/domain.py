@@ -167,7 +167,10 @@ def _text(parent, tag, text, **attrs):
 
 def _disk_element(disk):
     el = ET.Element("disk", type="file", device="disk")
-    ET.SubElement(el, "driver", name="qemu", type=disk.format, discard="unmap")
+    # error_policy "report": an overlay that cannot grow (host file system full) is an I/O
+    # error inside the guest, which ends its task; QEMU's default pauses the VM forever.
+    ET.SubElement(el, "driver", name="qemu", type=disk.format, discard="unmap",
+                  error_policy="report", rerror_policy="report")
     ET.SubElement(el, "source", file=disk.path)
     if disk.backing:
         store = ET.SubElement(el, "backingStore", type="file")
