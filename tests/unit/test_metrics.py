@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -20,9 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vmiso import state
 from vmiso.accounting import exporter
-from vmiso.accounting.observe import Observer
+from vmiso.accounting.observe import Observation, Observer
 from vmiso.bench import usage as tree
 from vmiso.cli.main import build_parser
+from vmiso.errors import HostError
 from vmiso.image import qcow2
 
 GIB = 1 << 30
@@ -140,6 +142,15 @@ def test_observer_reads_every_agents_running_containers_and_nothing_else(observe
     assert mine.disk_limit_bytes == 2 * GIB
     assert seen.stats["mt-theirs"].threads == tree.values(1)["threads"]
     assert sorted(observer.observe(["mt-theirs", "mt-ended"]).stats) == ["mt-theirs"]
+
+
+def test_no_work_dir_is_no_container_and_an_unlistable_one_an_error(tmp_path):
+    with closing(Observer(tmp_path / "none")) as obs:
+        assert obs.observe() == Observation() and not (tmp_path / "none").exists()
+    (tmp_path / "containers").write_text("")  # a file where the directory should be
+    with closing(Observer(tmp_path)) as obs, \
+            pytest.raises(HostError, match="cannot list containers in .*containers: Not a directory"):
+        obs.observe()
 
 
 def test_a_scrape_changes_no_file_under_the_work_dir(host, observer, serve):

@@ -95,8 +95,8 @@ class Observer:
         try:
             found = self.workdir.container_ids()  # [] when there is no containers/ yet
         except OSError as err:
-            raise HostError(f"cannot list containers in {self.workdir.containers}: {err.strerror} "
-                            "(the work directory is root-only: run as root)") from err
+            hint = " (the work directory is root-only: run as root)" if isinstance(err, PermissionError) else ""
+            raise HostError(f"cannot list containers in {self.workdir.containers}: {err.strerror}{hint}") from err
         return found if ids is None else [cid for cid in found if cid in set(ids)]
 
     def _target(self, cid):
