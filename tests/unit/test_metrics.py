@@ -1,10 +1,11 @@
 """vmiso metrics and vmiso stats are read-only, and the metrics server is bounded.
 
 A work dir holds a container in every phase (running with a live QEMU, running whose pid does not
-exist, running whose pid now belongs to another process, launching, destroying, terminated, from
-before a reboot, corrupt, not yet recorded), owned by two agents; QEMU's processes and cgroups are
-a generated /proc and cgroup tree in the kernel's formats (vmiso/bench/usage.py) and libvirt's pid
-files a directory of ours. Everything is real: the Collector, prometheus_client, sockets."""
+exist, running whose pid now belongs to another VM, launching, destroying, terminated, from before
+a reboot, corrupt, with malformed fields, not yet recorded), owned by two agents; QEMU's processes
+and cgroups are a generated /proc and cgroup tree in the kernel's formats (vmiso/bench/usage.py)
+and libvirt's pid files a directory of ours. Everything is real: the Collector, prometheus_client,
+sockets."""
 import http.client
 import os
 import re
@@ -64,8 +65,7 @@ def host(tmp_path):
     record(workdir, "mt-gone", "agent-a", state.RUNNING, boot)
     (run_dir / "vmiso-mt-gone.pid").write_text("4000000")  # no such process
     record(workdir, "mt-reused", "agent-b", state.RUNNING, boot)
-    (run_dir / "vmiso-mt-reused.pid").write_text(str(targets[2].pid))
-    qemu(proc, targets[2].pid, "vmiso-somebody-else")  # the pid now belongs to another VM
+    (run_dir / "vmiso-mt-reused.pid").write_text(str(targets[1].pid))  # the pid now belongs to another VM
     record(workdir, "mt-starting", "agent-a", state.LAUNCHING, boot)
     record(workdir, "mt-stopping", "agent-b", state.DESTROYING, boot, remove_requested=True)
     record(workdir, "mt-ended", "agent-a", state.TERMINATED, boot,
@@ -73,6 +73,9 @@ def host(tmp_path):
     record(workdir, "mt-rebooted", "agent-b", state.RUNNING, "another-boot")
     (workdir / "containers" / "mt-corrupt").mkdir()
     (workdir / "containers" / "mt-corrupt" / "checkpoint.json").write_bytes(b'{"version": 1, "contai')
+    record(workdir, "mt-odd", "agent-a", state.RUNNING, boot, extra={"tap": 7})  # another version's?
+    (run_dir / "vmiso-mt-odd.pid").write_text(str(targets[2].pid))
+    qemu(proc, targets[2].pid, "vmiso-mt-odd")
     (workdir / "containers" / "mt-unrecorded").mkdir()
     # A dead writer's temp file: recover() would remove it.
     (workdir / "containers" / "mt-mine" / ".checkpoint.json.999999999.0a0b0c0d").write_bytes(b"{")
@@ -132,7 +135,8 @@ def listing(*roots):
 def test_observer_reads_every_agents_running_containers_and_nothing_else(observer):
     seen = observer.observe()
     assert sorted(seen.stats) == ["mt-mine", "mt-theirs"]
-    assert sorted(seen.errors) == ["mt-corrupt"] and "JSON" in str(seen.errors["mt-corrupt"])
+    assert sorted(seen.errors) == ["mt-corrupt", "mt-odd"] and "JSON" in str(seen.errors["mt-corrupt"])
+    assert "malformed" in str(seen.errors["mt-odd"])
     assert seen.owners["mt-mine"] == "agent-a" and seen.owners["mt-theirs"] == "agent-b"
     assert seen.owners["mt-ended"] == "agent-a"  # read, not running: no series
     mine, v = seen.stats["mt-mine"], tree.values(0)
@@ -202,7 +206,7 @@ def test_the_exposition_parses_and_labels_each_series_with_its_owner(observer, s
     assert set(exporter.METRICS) <= {name[len(exporter.PREFIX):] for name in families}
     running = {s.labels["agent_id"]: s.value for s in families["vmiso_containers_running"].samples}
     assert running == {"agent-a": 1, "agent-b": 1}
-    assert families["vmiso_containers_unreadable"].samples[0].value == 1
+    assert families["vmiso_containers_unreadable"].samples[0].value == 2  # mt-corrupt, mt-odd
     # Prometheus asks for OpenMetrics: prometheus_client's negotiation answers it.
     status, headers, body = scrape(server, {"Accept": "application/openmetrics-text; version=1.0.0"})
     assert headers["Content-Type"].startswith("application/openmetrics-text")

@@ -110,6 +110,8 @@ class Observer:
                 return None, None  # a launch before its first record, or a removal under way
             raise  # reported; cleaning it up is its agent's recover()'s business
         owner = checkpoint.agent_id
+        if not isinstance(owner, str):
+            raise state.CheckpointError(f"checkpoint of {cid} names agent {owner!r}, not a string")
         if checkpoint.phase == state.TERMINATED or checkpoint.boot_id != self.boot_id:
             return None, owner
         domain = checkpoint.domain
@@ -118,10 +120,10 @@ class Observer:
         pid = Host.pid(domain, self.run_dir)
         if pid is None or not self._is_qemu_of(pid, domain):
             return None, owner
+        tap, cpus = _usage_fields(cid, checkpoint.extra)
         overlay = os.path.join(directory, OVERLAY)
-        lim = checkpoint.extra.get("limits") or {}
-        return Target(key=cid, pid=pid, overlay=overlay, tap=checkpoint.extra.get("tap"),
-                      cpus=lim.get("cpus"), disk_limit=self._disk_size(cid, pid, overlay)), owner
+        return Target(key=cid, pid=pid, overlay=overlay, tap=tap, cpus=cpus,
+                      disk_limit=self._disk_size(cid, pid, overlay)), owner
 
     def _is_qemu_of(self, pid, domain):
         """Whether process ``pid`` is the QEMU libvirt started for ``domain`` (its
@@ -149,3 +151,14 @@ class Observer:
                 self._disk_sizes[key] = None
         return self._disk_sizes[key]
 
+
+def _usage_fields(cid, extra):
+    """(tap, cpus) from a checkpoint's ``extra``, checked: one odd record (another version's,
+    a hand-edited one) is that container's error, not the whole read's."""
+    limits = extra.get("limits") or {} if isinstance(extra, dict) else None
+    if isinstance(limits, dict):
+        tap, cpus = extra.get("tap"), limits.get("cpus")
+        if (tap is None or isinstance(tap, str)) and \
+                (cpus is None or isinstance(cpus, (int, float)) and not isinstance(cpus, bool)):
+            return tap, cpus
+    raise state.CheckpointError(f"checkpoint of {cid} has malformed extra fields (tap, limits)")
