@@ -1,4 +1,5 @@
-"""``vmiso image``: build the micro guest; add, list, remove and collect stored base images."""
+"""``vmiso image``: build the micro guest; add, import, pull, list, remove and collect stored base images."""
+import argparse
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ def register(sub):
                         "(default: micro for a micro build's root.qcow2, disk otherwise)")
     a.add_argument("--json", action="store_true", help="print the stored image as JSON")
     a.set_defaults(func=add)
+    _register_oci(isub)
     ls = isub.add_parser("list", help="list base images: micro and the store")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=list_images)
@@ -46,6 +48,108 @@ def register(sub):
     g = isub.add_parser("gc", help="remove unnamed images and old micro builds no container uses")
     g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     g.set_defaults(func=gc)
+
+
+def _register_oci(isub):
+    i = isub.add_parser("import", help="store a container image from a docker save archive, oci-archive or OCI layout",
+                        description="Import a container image: a 'docker save' or 'podman save' archive "
+                                    "(docker-archive), an oci-archive, or an OCI image layout directory; "
+                                    "PATH:TAG picks one image of several. Layers are verified against their "
+                                    "digests, applied with OCI semantics into an ext4 root file system (qcow2) "
+                                    "and stored under the image's config digest, named by the repo:tag the "
+                                    "archive carries (or --name).")
+    i.add_argument("path", metavar="PATH[:TAG]")
+    p = isub.add_parser("pull", help="store a container image from a registry",
+                        description="Pull REF ([registry[:port]/]repo[:tag|@digest]) with skopeo over HTTPS "
+                                    "(plain HTTP only for a registry on a loopback address, or with --insecure), "
+                                    "with the usual auth files; layers already in the layer cache are not "
+                                    "fetched again. Then as 'vmiso image import'.")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP and unverified TLS for this registry")
+    p.add_argument("--authfile", metavar="FILE", help="registry credentials (default: skopeo's usual auth files)")
+    for parser, func in ((i, import_image), (p, pull)):
+        parser.add_argument("--name", action="append", metavar="REPO:TAG",
+                            help="name it so instead of by what it carries (repeatable)")
+        parser.add_argument("--max-size", type=_bytes, metavar="BYTES",
+                            help="refuse an image whose files hold more (default 32G; suffixes K M G T)")
+        parser.add_argument("--max-files", type=int, metavar="N",
+                            help="refuse an image with more names (default 2000000)")
+        parser.add_argument("--json", action="store_true", help="print the stored image as JSON")
+        parser.set_defaults(func=func)
+
+
+def _bytes(text):
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgt"), text[len(text.rstrip("KMGTkmgt")):].upper()
+    if not number.isdigit() or unit not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (a number with K, M, G or T)")
+    return int(number) * units[unit]
+
+
+def _limits(args):
+    from ..image.oci import layers
+
+    default = layers.Limits()
+    return layers.Limits(max_bytes=args.max_size or default.max_bytes,
+                         max_entries=args.max_files or default.max_entries)
+
+
+class _OciProgress:
+    """Layers and bytes on stderr while an image comes in, when a terminal watches; quiet otherwise."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, phase, number, nbytes, layers):
+        if not self.tty:
+            return
+        text = {"fetch": f"fetching: {number} new layer(s) of {layers}, {nbytes / (1 << 20):.1f} MiB",
+                "apply": f"applying layer {number} of {layers} ({nbytes / (1 << 20):.1f} MiB so far)",
+                "mkfs": f"making the file system ({nbytes / (1 << 20):.1f} MiB of files)"}[phase]
+        print(f"\r\x1b[Kvmiso: {text}", end="", file=sys.stderr, flush=True)
+        self.shown = True
+
+    def done(self):
+        if self.shown:
+            print(file=sys.stderr, flush=True)
+
+
+def import_image(args):
+    from ..image.oci import importer
+
+    return _imported(args, lambda progress: importer.import_path(
+        args.workdir, args.path, names=args.name, limits=_limits(args), progress=progress))
+
+
+def pull(args):
+    from ..image.oci import importer
+
+    return _imported(args, lambda progress: importer.pull(
+        args.workdir, args.ref, insecure=args.insecure, authfile=args.authfile, names=args.name,
+        limits=_limits(args), progress=progress))
+
+
+def _imported(args, work):
+    progress = _OciProgress()
+    try:
+        result = work(progress)
+    finally:
+        progress.done()
+    image = result.image
+    if args.json:
+        print(json.dumps({**image.to_dict(), "created": result.created, "layers": result.layers,
+                          "fetched_layers": result.fetched_layers, "fetched_bytes": result.fetched_bytes},
+                         indent=1))
+        return 0
+    what = "stored" if result.created else "already stored"
+    held = result.layers - result.fetched_layers
+    print(f"{what}: {image.sha256[:12]} (sha256:{image.sha256}) {_size(image.virtual_size)} root file system; "
+          f"{result.fetched_layers} layer(s) fetched ({_size(result.fetched_bytes)}), {held} already held")
+    print(f"names: {', '.join(result.names)}" if result.names else
+          "names: none (an unnamed image is removed by 'vmiso image gc'; name it with --name REPO:TAG)")
+    return 0
 
 
 def build_micro(args):
@@ -97,7 +201,8 @@ def _rows(workdir):
                      "path": str(image.base), "virtual_size": image.virtual_size, "kernel": image.kernel_version,
                      "used_by": sorted(inuse.users_of(image.base, used))})
     for s in store.list_images(workdir):
-        rows.append({"name": s.names[0] if s.names else None, "id": s.sha256, **s.to_dict(),
+        digest = {"digest": "sha256:" + s.sha256} if s.boot == "oci" else {}
+        rows.append({"name": s.names[0] if s.names else None, "id": s.sha256, **digest, **s.to_dict(),
                      "used_by": sorted(inuse.users_of(s.path, used))})
     return rows
 
@@ -107,11 +212,12 @@ def list_images(args):
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'NAME':<20} {'ID':<12} {'FORMAT':<6} {'SIZE':>9} {'USED':>4}  {'ADDED':<16}  PATH")
+    width = max([20] + [len(n) for r in rows for n in r["names"]])
+    print(f"{'NAME':<{width}} {'ID':<12} {'BOOT':<5} {'FORMAT':<6} {'SIZE':>9} {'USED':>4}  {'ADDED':<16}  PATH")
     for r in rows:
         added = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["added_at"])) if "added_at" in r else "-"
         for name in r["names"] or ["<none>"]:  # one line per name, as docker images
-            print(f"{name:<20} {r['id'][:12]:<12} {r['format']:<6} {_size(r['virtual_size']):>9} "
+            print(f"{name:<{width}} {r['id'][:12]:<12} {r['boot']:<5} {r['format']:<6} {_size(r['virtual_size']):>9} "
                   f"{len(r['used_by']):>4}  {added:<16}  {r['path']}")
     return 0
 

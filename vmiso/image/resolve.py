@@ -5,13 +5,14 @@
 stored base; the id of a stored base or a unique prefix of it (12 or more hex digits); or a path
 to a base image. Stored bases were verified when they were added and are checked cheaply again
 here (file stamp, header); a path is verified before every use. Nothing is ever probed.
-A stored base added with boot "micro" is a root file system for the micro kernel and initramfs.
+A stored base added with boot "micro" is a root file system for the micro kernel and initramfs;
+one with boot "oci" (a container image, image/oci/) is refused until launch can run one.
 """
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..errors import InvalidSpec, NotFound
+from ..errors import ImageError, InvalidSpec, NotFound
 from . import qcow2, store
 
 
@@ -61,4 +62,8 @@ def _stored(workdir, ref, declared_format, image, info):
         raise InvalidSpec("image_format", f"{ref} is stored as {image.format}, not {declared_format}")
     if image.boot == "micro":
         return _micro(workdir, (ref, image.path, info.format, info.virtual_size))
+    if image.boot == "oci":
+        # A container image's root is not a bootable disk; booting it needs micro's kernel and
+        # init to chroot into it, which launch does not do yet.
+        raise ImageError(image.path, f"{ref} is a container image; running container images is not supported yet")
     return BootImage(ref, image.path, info.format, info.virtual_size)

@@ -14,10 +14,14 @@ exactly what was checked. Adding the same content twice stores it once. Before u
 (size, mtime, inode) and mode are compared with those recorded at add time, and a base whose
 stamp changed is hashed again. ``rm`` refuses and ``gc`` skips bases that live containers use.
 
-A base boots one of two ways, recorded at add time (declared, never guessed from the content):
-``disk`` (a bootable disk such as a cloud image: the firmware boots it) or ``micro`` (an ext4
-root honouring the micro guest's contract, booted with the micro kernel and initramfs). A micro
-build's own root.qcow2 is ``micro`` by default.
+A base boots one of three ways, recorded at add time (declared, never guessed from the content):
+``disk`` (a bootable disk such as a cloud image: the firmware boots it), ``micro`` (an ext4
+root honouring the micro guest's contract, booted with the micro kernel and initramfs; a micro
+build's own root.qcow2 is ``micro`` by default) or ``oci`` (a container image's root file
+system, made by image/oci/: its directory is named by the image's config digest rather than by
+the base's sha256, which meta.json keeps as ``file_sha256``, and ``config.json`` beside the base
+holds the image config, whose sha256 is the directory's name). Names are plain names or, for
+container images, ``repo:tag`` references.
 """
 import contextlib
 import hashlib
@@ -36,14 +40,16 @@ from .. import files
 from ..errors import ImageError, InUse, InvalidSpec, NotFound, UnsafeImage
 from ..paths import Workdir
 from . import inuse, qcow2
+from .oci import reference
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 MIN_PREFIX = 12  # hex digits of an id that name it (as long as they are unique)
 PREFIX_RE = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},64}}")
 RESERVED = ("micro",)
-BOOTS = ("disk", "micro")
+BOOTS = ("disk", "micro", "oci")
 META = "meta.json"
+OCI_CONFIG = "config.json"
 NAMES = "names.json"
 STALE_SECONDS = 3600  # no add takes that long: older .add-* / .rm-* are a killed process's
 CHUNK = 1 << 20
@@ -65,10 +71,18 @@ class StoredImage:
     source: str
     stamp: dict
     boot: str = "disk"
+    file_sha256: Optional[str] = None  # the base's own sha256 where it differs from the id (oci)
+    oci: Optional[dict] = None         # a container image's digests, platform and run config
+
+    @property
+    def config_path(self):
+        """A container image's config (its raw JSON), beside the base."""
+        return os.path.join(os.path.dirname(self.path), OCI_CONFIG) if self.boot == "oci" else None
 
     def to_dict(self):
         fields = ("sha256", "format", "virtual_size", "file_size", "path", "boot", "added_at", "source")
-        return {"names": list(self.names), **{f: getattr(self, f) for f in fields}}
+        extra = {"file_sha256": self.file_sha256, "oci": self.oci} if self.oci is not None else {}
+        return {"names": list(self.names), **{f: getattr(self, f) for f in fields}, **extra}
 
 
 @dataclass(frozen=True)
@@ -88,12 +102,17 @@ class Collected:
 
 # -- names -------------------------------------------------------------------------------------
 
+def _well_formed(name):
+    return isinstance(name, str) and (
+        (NAME_RE.fullmatch(name) is not None and ".." not in name) or reference.is_image_name(name))
+
+
 def validate_name(name):
     """``name`` if it may name a stored base; InvalidSpec otherwise."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+    if not _well_formed(name):
         raise InvalidSpec("name", f"{name!r} is not a valid image name (1-64 of A-Z a-z 0-9 _ . + -, "
-                                  "starting with a letter or digit, no '..')")
-    if name in RESERVED:
+                                  "starting with a letter or digit, no '..'; or repo:tag)")
+    if name in RESERVED or name.partition(":")[0] in RESERVED:
         raise InvalidSpec("name", f"{name!r} is reserved")
     if PREFIX_RE.fullmatch(name.lower()):
         # It would shadow (or be shadowed by) an image id or id prefix.
@@ -127,7 +146,7 @@ def _read_names(root):
     if not isinstance(names, dict):
         raise ImageError(path, "the names index is damaged (no 'names' object)")
     return {n: s for n, s in names.items()
-            if isinstance(n, str) and NAME_RE.fullmatch(n) and isinstance(s, str) and SHA_RE.fullmatch(s)}
+            if _well_formed(n) and isinstance(s, str) and SHA_RE.fullmatch(s)}
 
 
 def _write_names(root, names):
@@ -274,6 +293,56 @@ def add(workdir, path, format="qcow2", name=None, boot=None, progress=None):
     return Added(lookup(root, sha), created, previous)
 
 
+def staging(workdir):
+    """A new staging directory in the store (``.add-*``: gc removes it if its maker died)."""
+    return Path(tempfile.mkdtemp(prefix=".add-", dir=_ensure_store(_root(workdir))))
+
+
+def add_oci(workdir, staged, image_id, config, source, oci, names=()):
+    """Store a container image's root file system: ``staged`` (from ``staging()``) holds
+    ``base.qcow2``, or nothing when the store holds an intact entry of ``image_id`` already
+    (then only the names change); ``config`` is the image config's raw bytes, whose sha256 is
+    ``image_id``. Names (repo:tag) move to it. Returns Added. ``staged`` is gone afterwards."""
+    for name in names:
+        validate_name(name)
+    root = _root(workdir)
+    store = _store(root)
+    try:
+        if hashlib.sha256(config).hexdigest() != image_id:
+            raise ImageError(staged, f"the config does not hash to the image id {image_id}")
+        base = staged / "base.qcow2"
+        if base.exists():
+            _stage_oci(staged, base, image_id, config, source, oci, names)
+        with files.locked(store):
+            if base.exists():
+                created = _install(store, staged, image_id)
+            else:
+                existing = _load(store / image_id, ())
+                if existing is None or not _unchanged(existing):
+                    raise ImageError(store / image_id, "was removed or changed during the import; import again")
+                created = False
+            previous = None
+            for name in names:
+                previous = _set_name(root, name, image_id) or previous
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone already when it was installed
+    return Added(lookup(root, image_id), created, previous)
+
+
+def _stage_oci(staged, base, image_id, config, source, oci, names):
+    info = qcow2.verify_base(base, "qcow2")
+    files.write_atomic(staged / OCI_CONFIG, config, 0o444)
+    os.chmod(base, 0o444)
+    meta = {
+        "version": 1, "sha256": image_id, "file_sha256": _sha256_file(base), "format": "qcow2",
+        "virtual_size": info.virtual_size, "file_size": os.lstat(base).st_size, "added_at": time.time(),
+        "added_as": names[0] if names else None, "source": source, "stamp": files.stamp(os.lstat(base)),
+        "boot": "oci", "oci": oci,
+    }
+    files.write_atomic(staged / META, (json.dumps(meta, indent=1) + "\n").encode(), 0o444)
+    os.chmod(staged, 0o755)
+
+
 def _default_boot(root, source):
     """"micro" when ``source`` is the root file system of a micro build (the same file)."""
     roots = (root / "images" / "micro").glob("*/root.qcow2")
@@ -312,7 +381,7 @@ def _load(directory, names):
             file_size=int(meta["file_size"]), path=str(directory / f"base.{fmt}"),
             names=tuple(sorted(n for n, s in names.items() if s == sha)) if names else (),
             added_at=float(meta["added_at"]), source=str(meta["source"]), stamp=dict(meta["stamp"]),
-            boot=boot,
+            boot=boot, file_sha256=meta.get("file_sha256"), oci=meta.get("oci") if boot == "oci" else None,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -384,7 +453,8 @@ def _recheck(root, image):
         after = os.lstat(image.path)
     except (OSError, ImageError) as err:
         raise UnsafeImage(image.path, f"stored base {image.sha256[:12]} is missing or unreadable") from err
-    if sha != image.sha256 or stat.S_IMODE(after.st_mode) != 0o444 or files.stamp(before) != files.stamp(after):
+    if (sha != (image.file_sha256 or image.sha256) or stat.S_IMODE(after.st_mode) != 0o444
+            or files.stamp(before) != files.stamp(after)):
         raise UnsafeImage(image.path, f"stored base {image.sha256[:12]} was modified after it was added; "
                                       f"remove it ('vmiso image rm {image.sha256[:12]}') and add it again")
     # Same content (a touch, or a copy put back, changes the stamp): record the new stamp, so

@@ -1,0 +1,111 @@
+"""The layer cache: one OCI image layout shared by every pull and import, blobs by digest.
+
+``<workdir>/cache/oci/layout`` is written by skopeo (transfer.py), which skips a blob the layout
+holds already, so a second pull of the same or an overlapping image fetches only what is new.
+Each transfer runs in a ``session``: it holds the cache's lock (one transfer at a time, and no
+other process removes a blob while an import reads it), and when the import fails, whatever
+it added (blobs, the index entry) is removed again, so a refused image leaves nothing here.
+"""
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ... import files
+from ...errors import ImageError
+
+TAG = "vmiso-import"  # the one index entry skopeo rewrites on every transfer
+_TEMP_PREFIX = "oci-put-blob"  # what skopeo writes a blob to before renaming it into blobs/
+
+
+def cache_dir(root):
+    return Path(root) / "cache" / "oci"
+
+
+class Session:
+    """The layout while the lock is held; what it held when the session began."""
+
+    def __init__(self, directory):
+        self.layout = str(directory / "layout")
+        self.blobs = Path(self.layout) / "blobs" / "sha256"
+        _ensure_layout(Path(self.layout))
+        self.index = (Path(self.layout) / "index.json").read_bytes()
+        self.before = set(os.listdir(self.blobs))
+
+    def held(self, digest):
+        """Whether blob ``digest`` was in the cache before this session."""
+        return digest.partition(":")[2] in self.before
+
+    def new_blobs(self):
+        return sorted(set(os.listdir(self.blobs)) - self.before)
+
+    def in_flight(self):
+        """Bytes of the blobs the current transfer is writing (for a progress display)."""
+        total = 0
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.layout):
+                if entry.name.startswith(_TEMP_PREFIX):
+                    with contextlib.suppress(OSError):
+                        total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def discard(self, digest):
+        """Remove blob ``digest`` (found corrupt), so that the next transfer fetches it again."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.blobs / digest.partition(":")[2])
+
+    def rollback(self):
+        for name in self.new_blobs():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.blobs / name)
+        files.write_atomic(Path(self.layout) / "index.json", self.index, 0o644)
+        _sweep(self.layout)
+
+
+def _ensure_layout(layout):
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    if not (layout / "oci-layout").exists():
+        files.write_atomic(layout / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}', 0o644)
+    if not (layout / "index.json").exists():
+        files.write_atomic(layout / "index.json", json.dumps({"schemaVersion": 2, "manifests": []}).encode(),
+                           0o644)
+
+
+def _sweep(layout):
+    """Temp files of a transfer that was killed (none runs now: the lock is held)."""
+    for entry in os.scandir(layout):
+        if entry.name.startswith(_TEMP_PREFIX):
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def session(root):
+    """Hold the layer cache of work directory ``root``; roll back what it gained on an error."""
+    directory = cache_dir(root)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)  # layers may hold secrets of their owners: root only
+    except OSError as err:
+        raise ImageError(directory, f"cannot create the layer cache: {err.strerror}") from err
+    with files.locked(directory):
+        _sweep(directory / "layout") if (directory / "layout").is_dir() else None
+        current = Session(directory)
+        try:
+            yield current
+        except BaseException:
+            current.rollback()
+            raise
+
+
+def blobs(root):
+    """{hex digest: bytes} of every blob in the cache."""
+    directory = cache_dir(root) / "layout" / "blobs" / "sha256"
+    try:
+        return {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(directory)}
+    except FileNotFoundError:
+        return {}
