@@ -51,10 +51,14 @@ class Isolator:
     """
 
     def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso",
-                 cpu_probe=None, disk_reserve=None, disk_overcommit=admission.DEFAULT_OVERCOMMIT):
+                 cpu_probe=None, disk_reserve=None, disk_overcommit=admission.DEFAULT_OVERCOMMIT,
+                 image_paths=True):
         """``disk_reserve`` (bytes kept free on the work dir's file system) and
         ``disk_overcommit`` (how far thin disks may promise more than is free) are the disk
-        admission policy (vmiso/admission.py); a launch that does not fit raises NoDiskSpace."""
+        admission policy (vmiso/admission.py); a launch that does not fit raises NoDiskSpace.
+        ``image_paths=False`` makes TaskSpec.image accept only micro and stored images (names
+        or ids), never a path on the host: for an agent whose specs come from tenants."""
+        self.image_paths = image_paths
         self.disk_policy = admission.Policy(reserve=disk_reserve, overcommit=disk_overcommit)
         self.workdir = Workdir(workdir)
         self.host = Host(uri)
@@ -75,7 +79,7 @@ class Isolator:
         if not isinstance(spec, TaskSpec):
             raise InvalidSpec("spec", "must be a vmiso.TaskSpec")
         self.workdir.ensure()
-        image = resolve(self.workdir, spec.image, spec.image_format)
+        image = resolve(self.workdir, spec.image, spec.image_format, allow_paths=self.image_paths)
         resolved = time.monotonic()
         size = spec.resources.disk_bytes
         if size is not None and size < image.virtual_size:

@@ -78,3 +78,22 @@ def test_shell_helper_and_bytes_argv():
 def test_other_bad_fields(kwargs):
     with pytest.raises(InvalidSpec):
         TaskSpec(command=["true"], **kwargs)
+
+
+def test_argv_and_env_share_one_size_budget():
+    """The guest kernel's exec limits, checked before launch: one string at most MAX_ARG_BYTES,
+    argv and env together (NULs counted) at most MAX_ARGV_BYTES."""
+    from vmiso.spec import MAX_ARG_BYTES, MAX_ARGV_BYTES
+
+    TaskSpec(["x" * MAX_ARG_BYTES])
+    with pytest.raises(InvalidSpec, match=r"command\[0\]"):
+        TaskSpec(["x" * (MAX_ARG_BYTES + 1)])
+    with pytest.raises(InvalidSpec, match="one variable may hold at most"):
+        TaskSpec(["true"], env={"BIG": "x" * MAX_ARG_BYTES})
+    chunk = "x" * (MAX_ARG_BYTES - 10)
+    count = MAX_ARGV_BYTES // (len(chunk) + 1 + 5)  # just under the budget, split over argv and env
+    half = count // 2
+    argv, env = ["x" * (MAX_ARG_BYTES - 10)] * half, {f"V{i}": chunk[:-3] for i in range(count - half)}
+    TaskSpec(argv, env=env)
+    with pytest.raises(InvalidSpec, match="together"):
+        TaskSpec(argv + [chunk] * 2, env=env)

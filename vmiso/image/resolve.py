@@ -27,12 +27,17 @@ class BootImage:
     cmdline: Optional[str] = None
 
 
-def resolve(workdir, image, declared_format=None):
+def resolve(workdir, image, declared_format=None, allow_paths=True):
+    """The BootImage ``image`` names. ``allow_paths=False`` (an agent's tenants: the host's files
+    are not theirs to boot) accepts only micro and stored images."""
     if image == "micro" or image.startswith("micro:"):
         return _micro(workdir, flavour=image.partition(":")[2] or None)
     stored = store.verified(workdir.root, image)
     if stored is not None:
         return _stored(workdir, image, declared_format, *stored)
+    if not allow_paths:
+        raise InvalidSpec("image", f"{image!r} is not a stored image's name or id, and image paths are not "
+                                   "allowed here (only micro and images added with 'vmiso image add')")
     path = os.path.abspath(image)
     if not os.path.lexists(path):
         raise NotFound("image", f"{image} (neither a stored image's name or id nor a file)")
