@@ -22,9 +22,11 @@ MAX_MEM_MIB = 4 * 1024 * 1024  # 4 TiB: anything above is a typo, not a VM
 MAX_DISK_GIB = 64 * 1024
 # The guest's kernel refuses to exec an argument longer than MAX_ARG_STRLEN (32 pages, NUL
 # included) and an argv + environment over a quarter of the 8 MiB stack: refuse both here, with a
-# clear error, instead of a task that fails with "Argument list too long" inside the VM.
+# clear error, instead of a task that fails with "Argument list too long" inside the VM. The
+# wrapper passes the task's environment as arguments to the shell that execs it, so argv and
+# env share one budget, less room for the wrapper's own arguments and environment.
 MAX_ARG_BYTES = 32 * 4096 - 1
-MAX_ARGV_BYTES = 2 * 1024 * 1024
+MAX_ARGV_BYTES = 2 * 1024 * 1024 - 64 * 1024  # argv and env together, each string's NUL counted
 
 
 def validate_container_id(container_id):
@@ -164,14 +166,20 @@ class TaskSpec:
             if size > MAX_ARG_BYTES:
                 raise InvalidSpec(f"command[{i}]", f"is {size} bytes; one argument may hold at most "
                                                    f"{MAX_ARG_BYTES} (put a longer script in a file)")
-        if sum(sizes) > MAX_ARGV_BYTES:
-            raise InvalidSpec("command", f"is {sum(sizes)} bytes; at most {MAX_ARGV_BYTES}")
         object.__setattr__(self, "env", dict(self.env))
         for name, value in self.env.items():
             if not isinstance(name, str) or not ENV_NAME_RE.fullmatch(name):
                 raise InvalidSpec("env", f"{name!r} is not a valid variable name")
             if not isinstance(value, str) or "\0" in value:
                 raise InvalidSpec("env", f"value of {name} must be a string without NUL")
+            size = len(name) + 1 + len(value.encode("utf-8", "surrogateescape"))
+            if size > MAX_ARG_BYTES:
+                raise InvalidSpec("env", f"{name} is {size} bytes; one variable may hold at most {MAX_ARG_BYTES}")
+            sizes.append(size)
+        total = sum(sizes) + len(sizes)
+        if total > MAX_ARGV_BYTES:
+            raise InvalidSpec("command", f"the command and its environment are {total} bytes; at most "
+                                         f"{MAX_ARGV_BYTES} together (put more data in a file)")
         if not isinstance(self.resources, Resources):
             raise InvalidSpec("resources", "must be a vmiso.Resources")
         if self.timeout is not None:
