@@ -97,7 +97,10 @@ class Observer:
         except OSError as err:
             hint = " (the work directory is root-only: run as root)" if isinstance(err, PermissionError) else ""
             raise HostError(f"cannot list containers in {self.workdir.containers}: {err.strerror}{hint}") from err
-        return found if ids is None else [cid for cid in found if cid in set(ids)]
+        if ids is None:
+            return found
+        wanted = set(ids)
+        return [cid for cid in found if cid in wanted]
 
     def _target(self, cid):
         """(Target, or None when not running; the owner agent id, or None when there is no
