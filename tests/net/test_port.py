@@ -2,6 +2,7 @@
 before the guest could start and are all gone after release; checked with ip, nft -j and tc -j.
 Traffic is tested too: frames from a veth that plays the guest, spoofed or not."""
 import json
+import re
 
 import pytest
 
@@ -171,9 +172,19 @@ def test_rules_are_what_the_docs_say(br):
     assert len(rules) == len(filter.port_rules("02:00:00:00:00:01", "10.90.0.7/24"))
     text = nsutil.run("nft", "list", "chain", "bridge", "vmiso", "port_vmiaaaa").stdout
     for needle in ("ether saddr != 02:00:00:00:00:01", "arp saddr ip != { 0.0.0.0, 10.90.0.7 }",
-                   "ip saddr != 10.90.0.7", "nd-router-advert", "udp sport { 67, 547 }",
-                   "fe80::ff:fe00:1"):
+                   "ip saddr != 10.90.0.7", "ip6 saddr != { ::, fe80::ff:fe00:1 }",
+                   "@th,64,128 != 0xfe80000000000000000000fffe000001",  # NA/DAD targets: its link-local
+                   "@th,208,48 != 0x20000000001",  # NS/NA link-layer address options: its MAC
+                   "udp sport { 67, 68, 546, 547 }", "udp dport { 67, 68, 546, 547 }",
+                   "meta l4proto { eigrp, ospf, pim, vrrp }", "limit rate over 100/second burst 200 packets"):
         assert needle in text, text
+    assert "accept" not in text  # nothing is let through early: every frame meets every rule
+    # Every rule counts its drops under a name, and the names are the module docstring's table.
+    assert all(r["expr"][-2:] == [{"counter": {"packets": 0, "bytes": 0}}, {"drop": None}] for r in rules)
+    names = [r["comment"] for r in rules]
+    documented = re.findall(r"^  ([a-z0-9-]+) {2,}\S", filter.__doc__, re.MULTILINE)
+    assert sorted(set(names)) == sorted(documented) and list(dict.fromkeys(names)) == documented
+    assert filter.drop_counts("vmiaaaa") == dict.fromkeys(documented, 0)
     assert filter.unprotect("vmiaaaa") is True
     assert filter.unprotect("vmiaaaa") is False
     assert json.dumps(ruleset()) == "[]"

@@ -9,10 +9,40 @@
   }
 
 The prerouting hook sees every frame a guest sends before the bridge forwards or delivers it,
-so a dropped frame reaches neither another guest nor the host. A guest may send only its own
-MAC, its own IPv4 (in ARP and IP; 0.0.0.0 only as a DHCP client), IPv6 only from its EUI-64
-link-local address (or :: during address autoconfiguration), no VLAN tags, no other ethertypes,
-and no DHCP/DHCPv6 server replies, router advertisements or redirects. Each drop rule counts.
+so a dropped frame reaches neither another guest nor the host. What a guest may send is what a
+host with one static IPv4 address and an EUI-64 link-local IPv6 address needs, and nothing that
+claims another host's identity or a router's, a DHCP server's or a multicast querier's role:
+
+  ether-source      frames from any MAC but its own
+  ethertype         anything but IPv4, ARP and IPv6 (VLAN tags, STP BPDUs and other 802.3/LLC,
+                    PPPoE, MPLS...)
+  arp-format        ARP that is not Ethernet/IPv4 request or reply (its offsets would lie)
+  arp-source        ARP whose sender MAC or IPv4 is not its own (0.0.0.0: address probes)
+  ipv4-source       IPv4 from any address but its own
+  ipv6-source       IPv6 from any address but its link-local one or :: (duplicate address detection)
+  ipv6-unspecified  from ::, anything but neighbour solicitations and MLD reports
+  ndp-target        neighbour advertisements for an address that is not its own (NDP poisoning),
+                    and duplicate address probes (NS from ::) for one that is not its own
+  ndp-format        NS/NA of another size than a bare one or one with a single 8-byte option, or
+                    with an option other than a link-layer address or a nonce
+  ndp-lladdr        NS/NA whose link-layer address option is not its own MAC
+  icmp-type         ICMPv4 but echo, unreachable, time exceeded, parameter problem (redirects,
+                    router advertisements, source quench, timestamps, address masks)
+  icmpv6-type       ICMPv6 but those, packet too big, neighbour discovery, router solicitations
+                    and MLD reports (router advertisements, redirects, MLD queries, renumbering)
+  igmp-type         IGMP but membership reports and leaves (queries: it is no querier)
+  router-protocol   EIGRP (88), OSPF (89), PIM (103), VRRP/CARP (112), over IPv4 and IPv6
+  dhcp              UDP from or to ports 67, 68, 546, 547: vmiso's guests have static addresses,
+                    so no DHCP/DHCPv6 client (pool starvation) and no server (rogue offers)
+  router-port       UDP from or to RIP (520), RIPng (521), HSRP (1985), HSRPv6 (2029), GLBP (3222)
+  multicast-rate    broadcast and multicast frames beyond MULTICAST_RATE per second (a storm)
+
+Each drop rule counts (its comment is the name above; drop_counts() reads them by name). TCP
+routing protocols (BGP, LDP) stay allowed: they need a configured peer, not a trusting segment.
+Frames to the reserved 01:80:c2:00:00:0X addresses (LLDP, LACP, PAUSE, 802.1X) are the bridge's
+own business: it hands them to the port's own interface or drops them, before its prerouting
+hook; what it forwards of them (STP BPDUs while STP is off, whatever an operator's
+group_fwd_mask names) passes the hook like any frame, and the ethertype rule drops it.
 
 Every change is one ``nft -f -`` transaction (all of it or nothing), made under a host-wide
 flock so two processes never interleave their read-then-write. The table is deleted with its
@@ -38,22 +68,65 @@ def port_chain(tap):
     return "port_" + addr.validate_ifname(tap, "tap")
 
 
-def port_rules(mac, ip):
-    """The rules of a guest's port chain, as nft statements (in order)."""
+MULTICAST_RATE = 100   # broadcast + multicast frames per second a guest may send (ARP, NDP, mDNS...)
+MULTICAST_BURST = 200  # ... of which this many at once
+ICMP_TYPES = "echo-reply, destination-unreachable, echo-request, time-exceeded, parameter-problem"
+ICMPV6_TYPES = ("destination-unreachable, packet-too-big, time-exceeded, parameter-problem, echo-request, "
+                "echo-reply, mld-listener-report, mld-listener-done, nd-router-solicit, nd-neighbor-solicit, "
+                "nd-neighbor-advert, mld2-listener-report")
+IGMP_TYPES = "membership-report-v1, membership-report-v2, membership-report-v3, leave-group"
+ROUTER_PROTOCOLS = "88, 89, 103, 112"           # EIGRP, OSPF, PIM, VRRP/CARP
+DHCP_PORTS = "67, 68, 546, 547"                 # DHCP server, client; DHCPv6 client, server
+ROUTER_PORTS = "520, 521, 1985, 2029, 3222"     # RIP, RIPng, HSRP, HSRPv6, GLBP
+ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }"
+# In an NS/NA (RFC 4861): the target address at bytes 8-23 of the ICMPv6 header, the first
+# option at 24 (type, length in 8-byte units, then a link-layer address's 6 bytes).
+ND_TARGET = "@th,64,128"
+ND_OPTION_TYPE, ND_OPTION_HEAD, ND_OPTION_LLADDR = "@th,192,8", "@th,192,16", "@th,208,48"
+
+
+def port_rules(mac, ip, multicast_rate=MULTICAST_RATE, multicast_burst=MULTICAST_BURST):
+    """The rules of a guest's port chain, as nft statements (in order), each ending in a
+    counter, a drop and its name as the comment (the module docstring says what each is for)."""
     mac = addr.parse_mac(mac)
     ip = ipaddress.IPv4Interface(ip).ip
     ll = addr.link_local(mac)
-    return [
-        f"ether saddr != {mac} counter drop",
-        "ether type != { ip, arp, ip6 } counter drop",  # VLAN tags (8021q, 8021ad) among them
-        f"arp saddr ether != {mac} counter drop",
-        f"arp saddr ip != {{ 0.0.0.0, {ip} }} counter drop",
-        "ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept",
-        f"ip saddr != {ip} counter drop",
-        f"ip6 saddr != {{ ::, {ll} }} counter drop",
-        "udp sport { 67, 547 } counter drop",  # DHCP and DHCPv6 server replies
-        "icmpv6 type { nd-router-advert, nd-redirect } counter drop",
+    own6 = f"0x{int(ll):032x}"  # its IPv6 addresses: the link-local one only (vmiso assigns no other)
+    mac_hex = "0x" + mac.replace(":", "")
+    rules = [
+        ("ether-source", f"ether saddr != {mac}"),
+        ("ethertype", "ether type != { ip, arp, ip6 }"),
+        ("arp-format", "arp htype != 1"),
+        ("arp-format", "arp ptype != ip"),
+        ("arp-format", "arp hlen != 6"),
+        ("arp-format", "arp plen != 4"),
+        ("arp-format", "arp operation != { request, reply }"),
+        ("arp-source", f"arp saddr ether != {mac}"),
+        ("arp-source", f"arp saddr ip != {{ 0.0.0.0, {ip} }}"),
+        ("ipv4-source", f"ip saddr != {ip}"),
+        ("ipv6-source", f"ip6 saddr != {{ ::, {ll} }}"),
+        ("ipv6-unspecified", "ip6 saddr :: meta l4proto != ipv6-icmp"),
+        ("ipv6-unspecified", "ip6 saddr :: icmpv6 type != { nd-neighbor-solicit, mld-listener-report, "
+                             "mld2-listener-report }"),
+        ("ndp-target", f"icmpv6 type nd-neighbor-advert {ND_TARGET} != {own6}"),
+        ("ndp-target", f"ip6 saddr :: icmpv6 type nd-neighbor-solicit {ND_TARGET} != {own6}"),
+        ("ndp-format", f"{ND} ip6 length != {{ 24, 32 }}"),
+        ("ndp-format", f"{ND} ip6 length 32 {ND_OPTION_TYPE} != {{ 1, 2, 14 }}"),  # source/target lladdr, nonce
+        ("ndp-lladdr", f"{ND} {ND_OPTION_HEAD} {{ 0x0101, 0x0201 }} {ND_OPTION_LLADDR} != {mac_hex}"),
+        ("icmp-type", f"icmp type != {{ {ICMP_TYPES} }}"),
+        ("icmpv6-type", f"icmpv6 type != {{ {ICMPV6_TYPES} }}"),
+        ("igmp-type", f"igmp type != {{ {IGMP_TYPES} }}"),
+        ("router-protocol", f"meta l4proto {{ {ROUTER_PROTOCOLS} }}"),
+        ("dhcp", f"udp sport {{ {DHCP_PORTS} }}"),
+        ("dhcp", f"udp dport {{ {DHCP_PORTS} }}"),
+        ("router-port", f"udp sport {{ {ROUTER_PORTS} }}"),
+        ("router-port", f"udp dport {{ {ROUTER_PORTS} }}"),
+        # Last, so only frames that pass every other rule spend the budget; the limit is the
+        # rule's own state, and the chain is the port's own: one budget per guest.
+        ("multicast-rate", f"ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 "
+                           f"limit rate over {int(multicast_rate)}/second burst {int(multicast_burst)} packets"),
     ]
+    return [f'{match} counter drop comment "{name}"' for name, match in rules]
 
 
 def _nft(script):
@@ -136,10 +209,22 @@ def protected():
     return sorted(_ports(objects)) if objects else []
 
 
-def drops(tap):
-    """Packets ``tap``'s port chain has dropped so far (0 when it has no chain)."""
+def drop_counts(tap):
+    """{rule name: packets dropped so far} of ``tap``'s port chain (empty when it has none)."""
     proc = run(["nft", "-j", "list", "chain", FAMILY, TABLE, port_chain(tap)], timeout=30, check=False)
     if proc.returncode != 0:
-        return 0
-    return sum(expr["counter"]["packets"] for item in json.loads(proc.stdout)["nftables"]
-               for expr in item.get("rule", {}).get("expr", []) if "counter" in expr)
+        return {}
+    counts = {}
+    for item in json.loads(proc.stdout)["nftables"]:
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        packets = sum(expr["counter"]["packets"] for expr in rule.get("expr", []) if "counter" in expr)
+        name = rule.get("comment", "")
+        counts[name] = counts.get(name, 0) + packets
+    return counts
+
+
+def drops(tap):
+    """Packets ``tap``'s port chain has dropped so far (0 when it has no chain)."""
+    return sum(drop_counts(tap).values())
