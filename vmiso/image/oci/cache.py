@@ -29,6 +29,7 @@ class Session:
     def __init__(self, directory):
         self.layout = str(directory / "layout")
         self.blobs = Path(self.layout) / "blobs" / "sha256"
+        self.created = not (Path(self.layout) / "oci-layout").exists()
         _ensure_layout(Path(self.layout))
         self.index = (Path(self.layout) / "index.json").read_bytes()
         self.before = set(os.listdir(self.blobs))
@@ -56,6 +57,9 @@ class Session:
             os.unlink(self.blobs / digest.partition(":")[2])
 
     def rollback(self):
+        if self.created:  # the first transfer into this cache: remove the layout it made
+            shutil.rmtree(self.layout)
+            return
         for name in self.new_blobs():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.blobs / name)
