@@ -14,6 +14,9 @@ DEB_PACKAGES=(
   # the lean micro kernel is compiled from Debian's linux-source (vmiso/image/lean.py), then
   # stripped (strip, from binutils) into the micro image
   gcc libc6-dev make flex bison bc perl libelf-dev libssl-dev xz-utils patch binutils
+  # container images (vmiso/image/oci): skopeo transfers them; umoci and docker-registry are the
+  # tests' reference unpacker and registry
+  skopeo umoci docker-registry
 )
 
 if [ "$(id -u)" != 0 ]; then
