@@ -127,6 +127,18 @@ def wire(ns, wd):
             w.close()
 
 
+def _lying_length(frame):
+    """``frame`` (IPv4 or IPv6) with its IP length field claiming more than the frame holds: a
+    DHCP offer that a lax receiver (a DHCP client's raw socket) might still parse."""
+    version = frame[14] >> 4
+    at = 14 + (2 if version == 4 else 4)
+    frame = frame[:at] + b"\xff\xf0" + frame[at + 2:]
+    if version == 4:  # the header checksum matches the lie: only the length gives it away
+        header = frame[14:24] + b"\0\0" + frame[26:34]
+        frame = frame[:24] + struct.pack("!H", f.checksum(header)) + frame[26:]
+    return frame
+
+
 # --- what a guest must not send -----------------------------------------------------------------
 G, OM = GUEST_MAC, OTHER_MAC  # short, for the tables below
 REFUSED = {
@@ -142,6 +154,10 @@ REFUSED = {
     "IPv4 source": (f.udp4(G, OM, "10.95.0.1", OTHER_IP, 1, 2, b"x"), "ipv4-source"),
     "IPv6 source": (f.udp6(G, OM, "fe80::1", OTHER_LL, 1, 2, b"x"), "ipv6-source"),
     "UDP from ::": (f.udp6(G, OM, "::", OTHER_LL, 1, 2, b"x"), "ipv6-unspecified"),
+    "IPv4 whose length lies": (_lying_length(f.udp4(G, f.BROADCAST, GUEST_IP, "255.255.255.255", 67, 68,
+                                                    f.bootp(2, OM, 2, yiaddr="10.95.0.99"))), "ip-malformed"),
+    "IPv6 whose length lies": (_lying_length(f.udp6(G, OM, GUEST_LL, OTHER_LL, 547, 546, f.dhcp6(2))),
+                               "ip-malformed"),
     "echo from ::": (f.icmp6(G, OM, "::", OTHER_LL, 128, 0, b"\0\1\0\1"), "ipv6-unspecified"),
     # NDP poisoning
     "NA for another address": (f.neighbor_advert(G, GUEST_LL, OTHER_LL, f.lladdr_option(2, G)), "ndp-target"),
@@ -202,7 +218,8 @@ def test_refused_frame_does_not_reach_another_port(wire, name):
 
 def test_every_rule_has_a_refused_frame():
     rules = {statement.rsplit('comment "', 1)[1].rstrip('"')
-             for statement in filter.port_rules(GUEST_MAC, GUEST_IP + "/24")}
+             for chain in filter.port_rules(PORT, GUEST_MAC, GUEST_IP + "/24").values()
+             for statement in chain if "comment" in statement}
     assert rules - {rule for _, rule in REFUSED.values()} == {"multicast-rate"}  # tested on its own below
 
 

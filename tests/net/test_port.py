@@ -42,7 +42,7 @@ def test_wire_and_release(br, wd):
     assert link["linkinfo"]["info_data"]["type"] == "tap" and link["linkinfo"]["info_data"]["user"] in (
         "libvirt-qemu", "qemu", "root")
     chains = {o["chain"]["name"] for o in ruleset() if "chain" in o}
-    assert chains == {"guest_ports", "port_" + name}
+    assert chains == {"guest_ports", "port_" + name, "l4_" + name}
     qdiscs = ratelimit.show(name)
     assert {q["kind"] for q in qdiscs[name]} == {"htb", "ingress"}
     assert [q["kind"] for q in qdiscs[tap.ifb_name(name)]] == ["htb"]
@@ -168,9 +168,11 @@ def test_spoofed_traffic_is_dropped(br, wd):
 def test_rules_are_what_the_docs_say(br):
     filter.protect("vmiaaaa", "02:00:00:00:00:01", "10.90.0.7/24")
     filter.protect("vmiaaaa", "02:00:00:00:00:01", "10.90.0.7/24")  # idempotent: replaced, not doubled
-    rules = [o["rule"] for o in ruleset() if "rule" in o and o["rule"]["chain"] == "port_vmiaaaa"]
-    assert len(rules) == len(filter.port_rules("02:00:00:00:00:01", "10.90.0.7/24"))
-    text = nsutil.run("nft", "list", "chain", "bridge", "vmiso", "port_vmiaaaa").stdout
+    chains = ["port_vmiaaaa", "l4_vmiaaaa"]
+    rules = [o["rule"] for chain in chains for o in ruleset() if "rule" in o and o["rule"]["chain"] == chain]
+    expected = filter.port_rules("vmiaaaa", "02:00:00:00:00:01", "10.90.0.7/24")
+    assert list(expected) == chains and len(rules) == sum(map(len, expected.values()))
+    text = "".join(nsutil.run("nft", "list", "chain", "bridge", "vmiso", chain).stdout for chain in chains)
     for needle in ("ether saddr != 02:00:00:00:00:01", "arp saddr ip != { 0.0.0.0, 10.90.0.7 }",
                    "ip saddr != 10.90.0.7", "ip6 saddr != { ::, fe80::ff:fe00:1 }",
                    "@th,64,128 != 0xfe80000000000000000000fffe000001",  # NA/DAD targets: its link-local
@@ -179,9 +181,14 @@ def test_rules_are_what_the_docs_say(br):
                    "meta l4proto { eigrp, ospf, pim, vrrp }", "limit rate over 100/second burst 200 packets"):
         assert needle in text, text
     assert "accept" not in text  # nothing is let through early: every frame meets every rule
-    # Every rule counts its drops under a name, and the names are the module docstring's table.
-    assert all(r["expr"][-2:] == [{"counter": {"packets": 0, "bytes": 0}}, {"drop": None}] for r in rules)
-    names = [r["comment"] for r in rules]
+    # Only frames nft parsed to their transport header go on to the transport chain; the rest of
+    # IPv4/IPv6 is dropped right after.
+    assert "meta l4proto 0-255 goto l4_vmiaaaa" in text and "ether type { ip, ip6 } counter" in text
+    # Every other rule counts its drops under a name, and the names are the module docstring's table.
+    drops = [r for r in rules if "goto" not in json.dumps(r["expr"])]
+    assert len(drops) == len(rules) - 1
+    assert all(r["expr"][-2:] == [{"counter": {"packets": 0, "bytes": 0}}, {"drop": None}] for r in drops)
+    names = [r["comment"] for r in drops]
     documented = re.findall(r"^  ([a-z0-9-]+) {2,}\S", filter.__doc__, re.MULTILINE)
     assert sorted(set(names)) == sorted(documented) and list(dict.fromkeys(names)) == documented
     assert filter.drop_counts("vmiaaaa") == dict.fromkeys(documented, 0)

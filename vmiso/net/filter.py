@@ -6,6 +6,7 @@
     map ports { type ifname : verdict }              tap name -> jump port_<tap>
     chain guest_ports { type filter hook prerouting priority -200; iifname vmap @ports }
     chain port_<tap> { ... }                         one per guest: what may leave its tap
+    chain l4_<tap> { ... }                           its transport rules (port_<tap> goes there)
   }
 
 The prerouting hook sees every frame a guest sends before the bridge forwards or delivers it,
@@ -26,6 +27,9 @@ claims another host's identity or a router's, a DHCP server's or a multicast que
   ndp-format        NS/NA of another size than a bare one or one with a single 8-byte option, or
                     with an option other than a link-layer address or a nonce
   ndp-lladdr        NS/NA whose link-layer address option is not its own MAC
+  multicast-rate    broadcast and multicast frames beyond MULTICAST_RATE per second (a storm)
+  ip-malformed      IPv4/IPv6 whose header nft cannot follow to the transport header (lengths
+                    that lie), so no rule below could see its ports or type
   icmp-type         ICMPv4 but echo, unreachable, time exceeded, parameter problem (redirects,
                     router advertisements, source quench, timestamps, address masks)
   icmpv6-type       ICMPv6 but those, packet too big, neighbour discovery, router solicitations
@@ -35,7 +39,6 @@ claims another host's identity or a router's, a DHCP server's or a multicast que
   dhcp              UDP from or to ports 67, 68, 546, 547: vmiso's guests have static addresses,
                     so no DHCP/DHCPv6 client (pool starvation) and no server (rogue offers)
   router-port       UDP from or to RIP (520), RIPng (521), HSRP (1985), HSRPv6 (2029), GLBP (3222)
-  multicast-rate    broadcast and multicast frames beyond MULTICAST_RATE per second (a storm)
 
 Each drop rule counts (its comment is the name above; drop_counts() reads them by name). TCP
 routing protocols (BGP, LDP) stay allowed: they need a configured peer, not a trusting segment.
@@ -85,48 +88,64 @@ ND_TARGET = "@th,64,128"
 ND_OPTION_TYPE, ND_OPTION_HEAD, ND_OPTION_LLADDR = "@th,192,8", "@th,192,16", "@th,208,48"
 
 
-def port_rules(mac, ip, multicast_rate=MULTICAST_RATE, multicast_burst=MULTICAST_BURST):
-    """The rules of a guest's port chain, as nft statements (in order), each ending in a
-    counter, a drop and its name as the comment (the module docstring says what each is for)."""
+def transport_chain(tap):
+    return "l4_" + addr.validate_ifname(tap, "tap")
+
+
+def _rule(name, match):
+    return f'{match} counter drop comment "{name}"'
+
+
+def port_rules(tap, mac, ip, multicast_rate=MULTICAST_RATE, multicast_burst=MULTICAST_BURST):
+    """{chain: [nft statements in order]} of a guest's port: its port chain, and the transport
+    chain that the port chain hands every IP frame whose transport header nft found. Each drop
+    rule ends in a counter, a drop and its name as the comment (the module docstring says what
+    each is for)."""
     mac = addr.parse_mac(mac)
     ip = ipaddress.IPv4Interface(ip).ip
     ll = addr.link_local(mac)
     own6 = f"0x{int(ll):032x}"  # its IPv6 addresses: the link-local one only (vmiso assigns no other)
     mac_hex = "0x" + mac.replace(":", "")
-    rules = [
-        ("ether-source", f"ether saddr != {mac}"),
-        ("ethertype", "ether type != { ip, arp, ip6 }"),
-        ("arp-format", "arp htype != 1"),
-        ("arp-format", "arp ptype != ip"),
-        ("arp-format", "arp hlen != 6"),
-        ("arp-format", "arp plen != 4"),
-        ("arp-format", "arp operation != { request, reply }"),
-        ("arp-source", f"arp saddr ether != {mac}"),
-        ("arp-source", f"arp saddr ip != {{ 0.0.0.0, {ip} }}"),
-        ("ipv4-source", f"ip saddr != {ip}"),
-        ("ipv6-source", f"ip6 saddr != {{ ::, {ll} }}"),
-        ("ipv6-unspecified", "ip6 saddr :: meta l4proto != ipv6-icmp"),
-        ("ipv6-unspecified", "ip6 saddr :: icmpv6 type != { nd-neighbor-solicit, mld-listener-report, "
-                             "mld2-listener-report }"),
-        ("ndp-target", f"icmpv6 type nd-neighbor-advert {ND_TARGET} != {own6}"),
-        ("ndp-target", f"ip6 saddr :: icmpv6 type nd-neighbor-solicit {ND_TARGET} != {own6}"),
-        ("ndp-format", f"{ND} ip6 length != {{ 24, 32 }}"),
-        ("ndp-format", f"{ND} ip6 length 32 {ND_OPTION_TYPE} != {{ 1, 2, 14 }}"),  # source/target lladdr, nonce
-        ("ndp-lladdr", f"{ND} {ND_OPTION_HEAD} {{ 0x0101, 0x0201 }} {ND_OPTION_LLADDR} != {mac_hex}"),
-        ("icmp-type", f"icmp type != {{ {ICMP_TYPES} }}"),
-        ("icmpv6-type", f"icmpv6 type != {{ {ICMPV6_TYPES} }}"),
-        ("igmp-type", f"igmp type != {{ {IGMP_TYPES} }}"),
-        ("router-protocol", f"meta l4proto {{ {ROUTER_PROTOCOLS} }}"),
-        ("dhcp", f"udp sport {{ {DHCP_PORTS} }}"),
-        ("dhcp", f"udp dport {{ {DHCP_PORTS} }}"),
-        ("router-port", f"udp sport {{ {ROUTER_PORTS} }}"),
-        ("router-port", f"udp dport {{ {ROUTER_PORTS} }}"),
-        # Last, so only frames that pass every other rule spend the budget; the limit is the
-        # rule's own state, and the chain is the port's own: one budget per guest.
-        ("multicast-rate", f"ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 "
-                           f"limit rate over {int(multicast_rate)}/second burst {int(multicast_burst)} packets"),
+    port = [
+        _rule("ether-source", f"ether saddr != {mac}"),
+        _rule("ethertype", "ether type != { ip, arp, ip6 }"),
+        _rule("arp-format", "arp htype != 1"),
+        _rule("arp-format", "arp ptype != ip"),
+        _rule("arp-format", "arp hlen != 6"),
+        _rule("arp-format", "arp plen != 4"),
+        _rule("arp-format", "arp operation != { request, reply }"),
+        _rule("arp-source", f"arp saddr ether != {mac}"),
+        _rule("arp-source", f"arp saddr ip != {{ 0.0.0.0, {ip} }}"),
+        _rule("ipv4-source", f"ip saddr != {ip}"),
+        _rule("ipv6-source", f"ip6 saddr != {{ ::, {ll} }}"),
+        _rule("ipv6-unspecified", "ip6 saddr :: meta l4proto != ipv6-icmp"),
+        _rule("ipv6-unspecified", "ip6 saddr :: icmpv6 type != { nd-neighbor-solicit, mld-listener-report, "
+                                  "mld2-listener-report }"),
+        _rule("ndp-target", f"icmpv6 type nd-neighbor-advert {ND_TARGET} != {own6}"),
+        _rule("ndp-target", f"ip6 saddr :: icmpv6 type nd-neighbor-solicit {ND_TARGET} != {own6}"),
+        _rule("ndp-format", f"{ND} ip6 length != {{ 24, 32 }}"),
+        _rule("ndp-format", f"{ND} ip6 length 32 {ND_OPTION_TYPE} != {{ 1, 2, 14 }}"),  # lladdr, nonce
+        _rule("ndp-lladdr", f"{ND} {ND_OPTION_HEAD} {{ 0x0101, 0x0201 }} {ND_OPTION_LLADDR} != {mac_hex}"),
+        # The limit is this rule's own state, and the chain is the port's own: one budget per
+        # guest, spent by every broadcast and multicast frame that got this far.
+        _rule("multicast-rate", f"ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 "
+                                f"limit rate over {int(multicast_rate)}/second burst {int(multicast_burst)} packets"),
+        # A transport rule cannot match what nft could not parse (it does not drop it either):
+        # only frames whose transport protocol nft knows go on, and the IP frames left are dropped.
+        f"meta l4proto 0-255 goto {transport_chain(tap)}",
+        _rule("ip-malformed", "ether type { ip, ip6 }"),
     ]
-    return [f'{match} counter drop comment "{name}"' for name, match in rules]
+    transport = [
+        _rule("icmp-type", f"icmp type != {{ {ICMP_TYPES} }}"),
+        _rule("icmpv6-type", f"icmpv6 type != {{ {ICMPV6_TYPES} }}"),
+        _rule("igmp-type", f"igmp type != {{ {IGMP_TYPES} }}"),
+        _rule("router-protocol", f"meta l4proto {{ {ROUTER_PROTOCOLS} }}"),
+        _rule("dhcp", f"udp sport {{ {DHCP_PORTS} }}"),
+        _rule("dhcp", f"udp dport {{ {DHCP_PORTS} }}"),
+        _rule("router-port", f"udp sport {{ {ROUTER_PORTS} }}"),
+        _rule("router-port", f"udp dport {{ {ROUTER_PORTS} }}"),
+    ]
+    return {port_chain(tap): port, transport_chain(tap): transport}
 
 
 def _nft(script):
@@ -169,36 +188,34 @@ def _base_script():
 
 
 def protect(tap, mac, ip):
-    """Install (or replace) ``tap``'s port chain: only ``mac`` and ``ip`` may leave it."""
-    chain = port_chain(tap)
+    """Install (or replace) ``tap``'s chains: only ``mac`` and ``ip`` may leave it."""
+    chains = port_rules(tap, mac, ip)
     t = f"{FAMILY} {TABLE}"
-    rules = "".join(f"add rule {t} {chain} {rule}\n" for rule in port_rules(mac, ip))
     with flocked(LOCK_PATH):
         script = "" if _table() is not None else _base_script()
-        script += (f"add chain {t} {chain}\n"
-                   f"flush chain {t} {chain}\n"
-                   f"{rules}"
-                   f'add element {t} {MAP} {{ "{tap}" : jump {chain} }}\n')
+        script += "".join(f"add chain {t} {chain}\nflush chain {t} {chain}\n" for chain in chains)
+        script += "".join(f"add rule {t} {chain} {rule}\n" for chain, rules in chains.items() for rule in rules)
+        script += f'add element {t} {MAP} {{ "{tap}" : jump {port_chain(tap)} }}\n'
         _nft(script)
 
 
 def unprotect(tap):
     """Remove ``tap``'s chain and map entry (and the table with its last port). Idempotent."""
-    chain = port_chain(tap)
+    mine = [port_chain(tap), transport_chain(tap)]  # the port chain refers to the other: first
     t = f"{FAMILY} {TABLE}"
     with flocked(LOCK_PATH):
         objects = _table()
         if objects is None:
             return False
         ports, chains = _ports(objects), _chains(objects)
-        if tap not in ports and chain not in chains:
+        if tap not in ports and not chains.intersection(mine):
             return False
-        if set(ports) <= {tap} and chains <= {BASE_CHAIN, chain}:
+        if set(ports) <= {tap} and chains <= {BASE_CHAIN, *mine}:
             _nft(f"delete table {t}\n")
             return True
         script = f'delete element {t} {MAP} {{ "{tap}" }}\n' if tap in ports else ""
-        if chain in chains:
-            script += f"flush chain {t} {chain}\ndelete chain {t} {chain}\n"
+        script += "".join(f"flush chain {t} {chain}\n" for chain in mine if chain in chains)
+        script += "".join(f"delete chain {t} {chain}\n" for chain in mine if chain in chains)
         _nft(script)
     return True
 
@@ -210,18 +227,17 @@ def protected():
 
 
 def drop_counts(tap):
-    """{rule name: packets dropped so far} of ``tap``'s port chain (empty when it has none)."""
-    proc = run(["nft", "-j", "list", "chain", FAMILY, TABLE, port_chain(tap)], timeout=30, check=False)
-    if proc.returncode != 0:
-        return {}
+    """{rule name: packets dropped so far} of ``tap``'s chains (empty when it has none)."""
     counts = {}
-    for item in json.loads(proc.stdout)["nftables"]:
-        rule = item.get("rule")
-        if rule is None:
+    for chain in (port_chain(tap), transport_chain(tap)):
+        proc = run(["nft", "-j", "list", "chain", FAMILY, TABLE, chain], timeout=30, check=False)
+        if proc.returncode != 0:
             continue
-        packets = sum(expr["counter"]["packets"] for expr in rule.get("expr", []) if "counter" in expr)
-        name = rule.get("comment", "")
-        counts[name] = counts.get(name, 0) + packets
+        for item in json.loads(proc.stdout)["nftables"]:
+            rule = item.get("rule")
+            if rule is not None and "comment" in rule:
+                packets = sum(expr["counter"]["packets"] for expr in rule["expr"] if "counter" in expr)
+                counts[rule["comment"]] = counts.get(rule["comment"], 0) + packets
     return counts
 
 
