@@ -150,6 +150,11 @@ def test_docker_archive_oci_archive_and_layout_import_to_the_same_address(work, 
     assert from_docker.names == ("busybox:1",)  # docker save's RepoTags
     assert from_archive.image.names == ("bb:archive", "bb:layout", "busybox:1")
     assert len(store.list_images(work)) == 1
+    beside = os.path.dirname(from_layout.image.path)  # the image's user database, for launches
+    with open(os.path.join(beside, "passwd")) as f:
+        assert "app:x:1000:1000:app:/home/app:/bin/sh" in f.read()
+    with open(os.path.join(beside, "group")) as f:
+        assert f.read() == "root:x:0:\napp:x:1000:\n"
 
 
 def test_cli_import_list_json_rm_and_gc(work, tmp_path):

@@ -236,3 +236,14 @@ def test_refuses_garbage_and_whiteouts_naming_nothing(tmp_path):
 
 def test_refuses_replacing_the_root_by_a_file(tmp_path):
     refused(tmp_path, [Entry(".", "symlink", target="/")], match="replace the root")
+
+
+def test_read_file_gives_regular_files_only_never_through_symlinks(tmp_path):
+    tree = build(tmp_path, [Entry("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n"),
+                            Entry("etc/group", "symlink", target="/etc/passwd"), Entry("big", size=100),
+                            Entry("link", "symlink", target="etc"), Entry("dev", D)])
+    assert tree.read_file("etc/passwd", 1024) == b"root:x:0:0::/root:/bin/sh\n"
+    assert tree.read_file("etc/group", 1024) is None
+    assert tree.read_file("link/passwd", 1024) is None
+    assert tree.read_file("big", 99) is None and tree.read_file("missing/x", 10) is None
+    assert tree.read_file("dev", 10) is None

@@ -20,7 +20,8 @@ root honouring the micro guest's contract, booted with the micro kernel and init
 build's own root.qcow2 is ``micro`` by default) or ``oci`` (a container image's root file
 system, made by image/oci/: its directory is named by the image's config digest rather than by
 the base's sha256, which meta.json keeps as ``file_sha256``, and ``config.json`` beside the base
-holds the image config, whose sha256 is the directory's name). Names are plain names or, for
+holds the image config, whose sha256 is the directory's name; ``passwd`` and ``group`` are the
+image's /etc files, for resolving user names without opening the file system). Names are plain names or, for
 container images, ``repo:tag`` references.
 """
 import contextlib
@@ -50,6 +51,7 @@ RESERVED = ("micro",)
 BOOTS = ("disk", "micro", "oci")
 META = "meta.json"
 OCI_CONFIG = "config.json"
+OCI_FILES = ("passwd", "group")  # the image's /etc/passwd and /etc/group, where it has them
 NAMES = "names.json"
 STALE_SECONDS = 3600  # no add takes that long: older .add-* / .rm-* are a killed process's
 CHUNK = 1 << 20
@@ -333,6 +335,9 @@ def _stage_oci(staged, base, image_id, config, source, oci, names):
     info = qcow2.verify_base(base, "qcow2")
     files.write_atomic(staged / OCI_CONFIG, config, 0o444)
     os.chmod(base, 0o444)
+    for name in OCI_FILES:
+        if (staged / name).exists():
+            os.chmod(staged / name, 0o444)
     meta = {
         "version": 1, "sha256": image_id, "file_sha256": _sha256_file(base), "format": "qcow2",
         "virtual_size": info.virtual_size, "file_size": os.lstat(base).st_size, "added_at": time.time(),

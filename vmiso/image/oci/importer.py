@@ -24,6 +24,10 @@ from .. import store
 from . import cache, layers, layout, reference, rootfs, transfer
 
 REF_NAME = "org.opencontainers.image.ref.name"
+# The image's own user database, kept beside the base (store.OCI_FILES) so a launch resolves
+# user names without opening the file system; larger ones are not kept.
+USER_FILES = {"passwd": "etc/passwd", "group": "etc/group"}
+USER_FILE_LIMIT = 1 << 20
 CONTAINERD_NAME = "io.containerd.image.name"
 
 
@@ -197,6 +201,10 @@ def _build(session, descriptors, diff_ids, staged, image_id, limits, progress):
             progress("apply", number, tree.bytes, len(descriptors))
         _apply(session, tree, descriptor, diff_id)
     tree.finish()
+    for name, path in USER_FILES.items():
+        data = tree.read_file(path, USER_FILE_LIMIT)
+        if data is not None:
+            (staged / name).write_bytes(data)
     if progress is not None:
         progress("mkfs", len(descriptors), tree.bytes, len(descriptors))
     rootfs.build(tree.path, str(staged / "base.qcow2"), str(staged), image_id)

@@ -320,6 +320,29 @@ class Tree:
                 os.setxattr(proc, name, value, follow_symlinks=False)
         os.utime(leaf, ns=(_ns(member.mtime),) * 2, dir_fd=dfd, follow_symlinks=False)
 
+    def read_file(self, path, limit):
+        """The bytes of the regular file at ``path`` ("etc/passwd") in the tree, or None when it
+        is missing, not a regular file, reached through a symlink, or larger than ``limit``."""
+        parts = split_path(path, "path", self.path)
+        try:
+            dfd = self._open_dir(parts[:-1], create=False)
+        except ImageError:
+            return None
+        if dfd is None:
+            return None
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return None
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+        return data if len(data) <= limit else None
+
     def finish(self):
         """Give directories their layers' mtimes (each entry written into one changed it)."""
         for parts in sorted(self._dir_times, key=len, reverse=True):

@@ -84,7 +84,13 @@ def is_image_name(name):
     if not isinstance(name, str) or len(name) > MAX_LENGTH:
         return False
     match = REFERENCE_RE.fullmatch(name)
-    return bool(match and match.group("tag") and not match.group("digest"))
+    if not (match and match.group("tag") and not match.group("digest")):
+        return False
+    try:
+        parse(name)  # docker's rule for the first component
+    except InvalidSpec:
+        return False
+    return True
 
 
 def familiar(name):
