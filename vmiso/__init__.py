@@ -25,14 +25,14 @@ from .errors import (
     VirtError,
     VmisoError,
 )
-from .spec import ContainerStatus, Resources, TaskSpec, Termination
+from .spec import ContainerStatus, Resources, TaskSpec, Termination, Volume
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists", "CommandFailed", "ContainerStatus", "HostError", "ImageError", "InvalidSpec",
     "Isolator", "LaunchFailed", "NoDiskSpace", "NotFound", "NotOwned", "Resources", "TaskSpec", "Termination",
-    "Timeout", "UnsafeImage", "VirtError", "VmisoError",
+    "Timeout", "UnsafeImage", "VirtError", "VmisoError", "Volume",
 ]
 
 

@@ -19,7 +19,7 @@ from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostnam
 from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, NotOwned, Timeout, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
-from .paths import CONSOLE_LOG, CONTROL_SOCKET, DEFAULT_WORKDIR, OVERLAY, SEED, STDERR, STDOUT, Workdir
+from .paths import CONSOLE_LOG, CONTROL_SOCKET, DEFAULT_WORKDIR, OVERLAY, SEED, STDERR, STDIN_SOCKET, STDOUT, Workdir
 from .spec import (
     R_DESTROYED,
     R_IO_ERROR,
@@ -30,7 +30,8 @@ from .spec import (
     validate_container_id,
 )
 from .virt import accel as accel_mod
-from .virt import channel, cpuprobe, domain
+from .virt import channel, cpuprobe, domain, volumes
+from .virt import stdin as stdin_channel
 from .virt.host import DEFAULT_URI, Host
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,16 @@ class Isolator:
 
     def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso",
                  cpu_probe=None, disk_reserve=None, disk_overcommit=admission.DEFAULT_OVERCOMMIT,
-                 image_paths=True):
+                 image_paths=True, volume_roots=None):
         """``disk_reserve`` (bytes kept free on the work dir's file system) and
         ``disk_overcommit`` (how far thin disks may promise more than is free) are the disk
         admission policy (vmiso/admission.py); a launch that does not fit raises NoDiskSpace.
         ``image_paths=False`` makes TaskSpec.image accept only micro and stored images (names
-        or ids), never a path on the host: for an agent whose specs come from tenants."""
+        or ids), never a path on the host: for an agent whose specs come from tenants.
+        ``volume_roots``: directories under which TaskSpec.volumes and sandboxes must lie
+        (None: anywhere QEMU's user can reach; ``()``: no volumes at all)."""
         self.image_paths = image_paths
+        self.volume_roots = None if volume_roots is None else tuple(str(r) for r in volume_roots)
         self.disk_policy = admission.Policy(reserve=disk_reserve, overcommit=disk_overcommit)
         self.workdir = Workdir(workdir)
         self.host = Host(uri)
@@ -78,6 +82,9 @@ class Isolator:
         validate_container_id(container_id)
         if not isinstance(spec, TaskSpec):
             raise InvalidSpec("spec", "must be a vmiso.TaskSpec")
+        # Host directories and the stdin source are checked before anything is made.
+        shares = volumes.prepare(spec.volumes, self.workdir.root, self.volume_roots)
+        stdin_channel.check_source(spec.stdin)
         self.workdir.ensure()
         image = resolve(self.workdir, spec.image, spec.image_format, allow_paths=self.image_paths)
         resolved = time.monotonic()
@@ -113,12 +120,17 @@ class Isolator:
             )
             checkpoint.extra["limits"] = accounting.limits_record(spec.resources)
             checkpoint.extra["disk_bytes"] = disk_bytes
+            if shares:
+                checkpoint.extra["volumes"] = [s.record() for s in shares]
+            if spec.stdin is not None:
+                checkpoint.extra["stdin"] = True
             c = Container(container_id, directory, checkpoint)
             c.timeline.update({"launch:start": started, "launch:image": resolved})
             c.op.acquire()  # a kill or destroy racing this launch waits until it is done
             self._containers[container_id] = c
         step = "dir"
         created = None
+        listener = None  # the stdin socket QEMU connects to (virt/stdin.py)
         try:
             self._step(c, "launch:dir")
             step = "checkpoint"
@@ -137,6 +149,7 @@ class Isolator:
             step = "seed"
             files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=guest_hostname(container_id),
                                     argv=spec.command, env=spec.env, nonce=checkpoint.nonce,
+                                    data_files=_data_files(shares, spec),
                                     workdir=spec.workdir, network_config=network_config)
             seed.write_seed(c.path(SEED), files)
             self._step(c, "launch:seed")
@@ -146,6 +159,10 @@ class Isolator:
 
                 port.wire(self.workdir.root, c.checkpoint.extra, spec.network)
                 self._step(c, "launch:network")
+            if spec.stdin is not None:
+                step = "stdin"  # listening before QEMU starts: it connects while it starts
+                listener = stdin_channel.listen(c.path(STDIN_SOCKET))
+                self._step(c, "launch:stdin")
             step = "xml"
             xml = self._domain_xml(c, spec, image)
             c.timeline["launch:xml"] = time.monotonic()  # host preparation ends here
@@ -162,6 +179,8 @@ class Isolator:
             self._step(c, "launch:running")
         except BaseException as err:
             self._undo_launch(c, created)
+            if listener is not None:
+                listener.close()
             os.close(lock_fd)
             c.op.release()
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
@@ -171,6 +190,8 @@ class Isolator:
         os.close(lock_fd)
         c.op.release()
         self._arm_timer(c)
+        if listener is not None:
+            stdin_channel.feed(listener, spec.stdin, c.timeline)
         return self.status(container_id)
 
     def _disks_in_use(self):
@@ -203,7 +224,7 @@ class Isolator:
             logs=(c.path(CONSOLE_LOG), c.path(STDOUT), c.path(STDERR)),
             metadata={"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id},
             boot=image if image.kernel else None, interfaces=nics, quick_cpu_probe=self.cpu_probe().quick,
-            control_socket=c.path(CONTROL_SOCKET),
+            control_socket=c.path(CONTROL_SOCKET), **_data_devices(c),
         )
         return config.to_xml()
 
@@ -546,6 +567,20 @@ class Isolator:
         if c.foreign:
             raise NotOwned(container_id, c.owner, self.agent_id)
         return c
+
+
+def _data_files(shares, spec):
+    """The seed's data-in files: which shares to mount where, and whether stdin is a port."""
+    return seed.data_files(volumes.seed_lines(shares),
+                           domain.STDIN_PORT_NAME if spec.stdin is not None else None)
+
+
+def _data_devices(c):
+    """domain.design()'s volumes and stdin socket, from what launch recorded in the checkpoint."""
+    extra = c.checkpoint.extra
+    shares = [volumes.Share.from_record(r) for r in extra.get("volumes", ())]
+    return {"filesystems": volumes.filesystems(shares),
+            "stdin_socket": c.path(STDIN_SOCKET) if extra.get("stdin") else None}
 
 
 def _recorded_termination(directory):

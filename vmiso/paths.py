@@ -5,7 +5,8 @@
   containers/              0700 root:root plus an ACL entry: QEMU's user may pass (x), and no
   containers/<id>/         group: other members of QEMU's group (kvm) may not. Inside: overlay.qcow2,
                            seed.iso, console.log, stdout, stderr, checkpoint.json, control.sock
-                           (the task channel's host end: stop requests to the guest)
+                           (the task channel's host end: stop requests to the guest), stdin.sock
+                           (vmiso listens there, QEMU connects: the task's stdin; only with one)
 
 Paths come only from validated container ids; nothing here follows a symlink.
 """
@@ -32,6 +33,7 @@ STDOUT = "stdout"
 STDERR = "stderr"
 CHECKPOINT = "checkpoint.json"
 CONTROL_SOCKET = "control.sock"
+STDIN_SOCKET = "stdin.sock"
 
 
 def qemu_gid():

@@ -4,6 +4,8 @@ TaskSpec and Resources come in (from the agent or the CLI); Termination, Contain
 (later) ResourceStatistics go out. Field names follow Mesos where Mesos has one.
 """
 import math
+import os
+import posixpath
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -128,6 +130,67 @@ class NetworkSpec:
                 raise InvalidSpec(name, "must be a vmiso.spec.RateLimit")
 
 
+MAX_VOLUMES = 16  # each is a PCI device on the root bus, which has about 28 free slots
+MESOS_SANDBOX = "/mnt/mesos/sandbox"  # where a Mesos container task finds its sandbox
+# Guest paths a volume may not cover: the kernel's file systems and vmiso's own files there.
+GUEST_RESERVED = ("/proc", "/sys", "/dev", "/run/vmiso")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A host directory shared into the guest at ``guest`` (virtio-9p, vmiso/virt/volumes.py).
+    ``readonly`` is enforced by QEMU on the host, whatever the guest mounts. Both paths must be
+    absolute; ``guest`` is normalised and may not be ``/`` nor under GUEST_RESERVED. That the
+    host directory exists, lies outside vmiso's work dir and is reachable by QEMU's user is
+    checked at launch, before anything is made."""
+
+    host: str
+    guest: str
+    readonly: bool = False
+
+    def __post_init__(self):
+        for label, value in (("HOST", self.host), ("GUEST", self.guest)):
+            if not isinstance(value, str) or "\0" in value or not value.startswith("/"):
+                raise InvalidSpec("volumes", f"{label} {value!r} is not an absolute path")
+        if ".." in self.guest.split("/"):
+            raise InvalidSpec("volumes", f"GUEST {self.guest!r} contains '..'")
+        guest = "/" + posixpath.normpath(self.guest).lstrip("/")  # normpath keeps a leading "//"
+        if guest == "/" or any(guest == r or guest.startswith(r + "/") for r in GUEST_RESERVED):
+            raise InvalidSpec("volumes", f"GUEST {self.guest!r} may not be / nor under {', '.join(GUEST_RESERVED)}")
+        object.__setattr__(self, "guest", guest)
+        if not isinstance(self.readonly, bool):
+            raise InvalidSpec("volumes", "readonly must be True or False")
+
+
+def _volumes(volumes, sandbox):
+    """The volumes as a tuple of Volume (``(host, guest[, readonly])`` tuples accepted), the
+    sandbox's last; no GUEST twice."""
+    if isinstance(volumes, (str, bytes, Volume)):
+        raise InvalidSpec("volumes", "must be a list of vmiso.Volume")
+    out = tuple(v if isinstance(v, Volume) else Volume(*v) for v in volumes)
+    if sandbox is not None:
+        out += (Volume(sandbox, MESOS_SANDBOX),)
+    if len(out) > MAX_VOLUMES:
+        raise InvalidSpec("volumes", f"{len(out)} volumes; at most {MAX_VOLUMES}")
+    seen = set()
+    for v in out:
+        if v.guest in seen:
+            raise InvalidSpec("volumes", f"GUEST {v.guest} is given twice")
+        seen.add(v.guest)
+    return out
+
+
+def _stdin(value):
+    """TaskSpec.stdin: None (empty), bytes, a path, or a binary file object."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)) or callable(getattr(value, "read", None)):
+        return value
+    raise InvalidSpec("stdin", f"must be bytes, a path or a binary file object, not {type(value).__name__}")
+
+
 def _argv_item(i, item):
     if isinstance(item, str):
         try:
@@ -156,6 +219,13 @@ class TaskSpec:
     timeout: Optional[float] = None
     workdir: Optional[str] = None
     network: Optional[NetworkSpec] = None
+    # Data in and out (README "Getting data in and out"): host directories shared into the guest;
+    # a Mesos sandbox, a host directory mounted at MESOS_SANDBOX (also $MESOS_SANDBOX and the
+    # default working directory); the task's stdin: bytes, a path or a binary file object, read
+    # as the guest takes it (None: empty).
+    volumes: tuple = ()
+    sandbox: Optional[str] = None
+    stdin: object = None
 
     def __post_init__(self):
         if isinstance(self.command, (str, bytes)) or not self.command:
@@ -167,6 +237,12 @@ class TaskSpec:
                 raise InvalidSpec(f"command[{i}]", f"is {size} bytes; one argument may hold at most "
                                                    f"{MAX_ARG_BYTES} (put a longer script in a file)")
         object.__setattr__(self, "env", dict(self.env))
+        object.__setattr__(self, "volumes", _volumes(self.volumes, self.sandbox))
+        if self.sandbox is not None:  # as the Mesos containerizer does for a container task
+            self.env["MESOS_SANDBOX"] = MESOS_SANDBOX
+            if self.workdir is None:
+                object.__setattr__(self, "workdir", MESOS_SANDBOX)
+        object.__setattr__(self, "stdin", _stdin(self.stdin))
         for name, value in self.env.items():
             if not isinstance(name, str) or not ENV_NAME_RE.fullmatch(name):
                 raise InvalidSpec("env", f"{name!r} is not a valid variable name")

@@ -23,7 +23,7 @@ def test_help_lists_the_commands(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["run", "--cpus", "0", "--", "true"], "cpus"),
     (["run", "--mem", "1", "--", "true"], "mem_mib"),
-    (["run", "-e", "NOEQUALS", "--", "true"], "NAME=VALUE"),
+    (["run", "-e", "NO EQUALS", "--", "true"], "not a valid variable name"),
     (["run", "-e", "1BAD=x", "--", "true"], "env"),
     (["run", "--name", "../x", "--", "true"], "container_id"),
     (["run", "--"], "command"),

@@ -10,7 +10,7 @@ import threading
 from .. import slurm
 from ..errors import InvalidSpec
 from ..spec import R_DESTROYED, R_GUEST_EXITED, R_TIMEOUT, Resources, TaskSpec
-from . import terminal
+from . import taskdata, terminal
 
 EXIT_TIMEOUT = 124   # as GNU timeout
 EXIT_KILLED = 137    # as docker: 128 + SIGKILL
@@ -37,7 +37,21 @@ def register(sub):
     p.add_argument("--disk", type=float, metavar="GiB", help="root disk size in GiB (default: the image's)")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="after S seconds SIGTERM to the task, a hard stop 5 s later (exit 124)")
-    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="set a variable in the task's environment; NAME alone passes the caller's value "
+                        "(left out when unset)")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="read variables from FILE: NAME=VALUE lines, NAME alone passes the caller's value, "
+                        "# comments (docker's format); -e wins over it")
+    p.add_argument("--no-slurm-env", action="store_true",
+                   help="inside a Slurm job, do not pass the job's SLURM_* variables to the task")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]",
+                   help="share host directory HOST at GUEST in the VM (virtio-9p; :ro read-only, enforced on "
+                        "the host); QEMU's user must be able to read it (and write it, without :ro)")
+    p.add_argument("--mount", action="append", default=[], metavar="type=bind,source=HOST,target=GUEST[,readonly]",
+                   help="the same as -v, in docker's --mount form")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="stream this process's stdin to the task's stdin, EOF included (without -i it is empty)")
     p.add_argument("-w", "--workdir-in-guest", dest="guest_workdir", metavar="DIR",
                    help="working directory inside the guest (default /)")
     p.add_argument("--network", metavar="BRIDGE[,vlan=N][,ip=A.B.C.D/NN][,isolated]",
@@ -52,23 +66,15 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def parse_env(pairs):
-    env = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise InvalidSpec("env", f"{pair!r} is not NAME=VALUE")
-        env[name] = value
-    return env
-
-
 def spec_from_args(args):
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise InvalidSpec("command", "missing: vmiso run [OPTIONS] [--] CMD [ARG...]")
     cpus, mem_mib = slurm.size(args.cpus, args.mem, os.environ)
     resources = Resources(cpus=cpus, mem_mib=mem_mib, disk_gib=args.disk)
-    return TaskSpec(command=[os.fsencode(a) for a in cmd], env=parse_env(args.env), resources=resources,
+    return TaskSpec(command=[os.fsencode(a) for a in cmd], env=taskdata.task_env(args, os.environ),
+                    resources=resources, volumes=taskdata.volumes(args),
+                    stdin=sys.stdin.buffer if args.interactive else None,
                     image=args.image, image_format=args.format, timeout=args.timeout,
                     workdir=args.guest_workdir, network=_network(args))
 

@@ -11,6 +11,8 @@ Contents (the guest contract, DESIGN.md):
   vmiso/env        one base64 line per NAME=VALUE
   vmiso/workdir    base64 of the working directory (empty: /)
   vmiso/nonce      the launch's random marker for the exit line
+  vmiso/volumes    host directories to mount: "TAG ro|rw BASE64(GUEST)" a line (virt/volumes.py)
+  vmiso/stdin      present when the task's stdin is the virtio-serial port named in it
 
 Everything user-supplied is base64 inside JSON, so nothing the user types can change the shape
 of the YAML, the shell or the ISO.
@@ -52,6 +54,18 @@ def task_files(argv, env, nonce, workdir=None):
     }
 
 
+def data_files(volume_lines=b"", stdin_port=None):
+    """The task's data-in files beside argv and env (``data_files`` of seed_files): the
+    ``volumes`` lines (virt/volumes.seed_lines) and the name of the stdin port, each only when
+    the task has one."""
+    files = {}
+    if volume_lines:
+        files["volumes"] = volume_lines
+    if stdin_port:
+        files["stdin"] = stdin_port.encode("ascii") + b"\n"
+    return files
+
+
 def user_data(files):
     """``#cloud-config`` user-data that installs ``files`` in GUEST_DIR and runs the wrapper."""
     config = {
@@ -74,9 +88,11 @@ def meta_data(instance_id, hostname):
     return json.dumps({"instance-id": instance_id, "local-hostname": hostname}).encode("ascii") + b"\n"
 
 
-def seed_files(*, instance_id, hostname, argv, env, nonce, workdir=None, network_config=None):
+def seed_files(*, instance_id, hostname, argv, env, nonce, data_files=None,
+               workdir=None, network_config=None):
     """Every file of the seed ISO, path -> bytes (paths relative to the ISO root)."""
     files = task_files(argv, env, nonce, workdir)
+    files.update(data_files or {})
     out = {"meta-data": meta_data(instance_id, hostname), "user-data": user_data(files)}
     if network_config is not None:
         out["network-config"] = json.dumps(network_config).encode("ascii") + b"\n"

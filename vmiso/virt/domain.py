@@ -17,6 +17,7 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # libvirt's QEMU-specifi
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 CPU_PERIOD_US = 100_000
 TASK_CHANNEL_PORT = 1  # serial ports: 0 the boot console, 1 the task's stdout (and stop requests), 2 stderr
+STDIN_PORT_NAME = "vmiso.stdin"  # the virtio-serial port the guest wrapper gives the task as stdin
 # A virtio balloon lets update() change guest memory live (a guest without the driver ignores it).
 # Boot cost under TCG, `vmiso run -- true` end to end, 5 interleaved pairs: median 6.29 s with it,
 # 6.11 s without, within the noise of the run (±1 s).
@@ -42,6 +43,18 @@ class Interface:
     mac: str
     model: str = "virtio"
     rom: bool = False           # the NIC's option ROM only slows a direct kernel boot
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """A host directory shared with the guest over virtio-9p, found there by ``tag``.
+    ``accessmode`` 'mapped': QEMU creates files as its own user with plain modes, and keeps the
+    guest's owner, mode, device nodes and symlinks in xattrs (virt/volumes.py says why)."""
+
+    source: str
+    tag: str
+    readonly: bool = False
+    accessmode: str = "mapped"
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,10 @@ class DomainConfig:
     # The task channel's (serial port 1's) input: a unix socket libvirt listens on, through which
     # vmiso writes to the guest (a stop request). Its output is logged either way.
     task_channel_socket: Optional[str] = None
+    filesystems: tuple = ()                  # Filesystem: host directories shared with the guest
+    # The task's stdin: a virtio-serial port (STDIN_PORT_NAME) whose host end connects to a unix
+    # socket vmiso listens on (virt/stdin.py); None: no such port.
+    stdin_socket: Optional[str] = None
 
     def to_xml(self):
         return ET.tostring(self.to_element(), encoding="unicode")
@@ -137,6 +154,8 @@ class DomainConfig:
             devices.append(_disk_element(disk))
         for nic in self.interfaces:
             devices.append(_interface_element(nic))
+        for fs in self.filesystems:
+            devices.append(_filesystem_element(fs))
         for port, path in enumerate(self.serial_logs):
             # Each port's output is logged through virtlogd: it rolls the file over at its max_size
             # and keeps max_backups, so a flooding guest cannot fill the disk. Only the task
@@ -148,11 +167,19 @@ class DomainConfig:
                 serial = ET.SubElement(devices, "serial", type="null")
             ET.SubElement(serial, "log", file=path, append="off")
             ET.SubElement(serial, "target", port=str(port))
+        if self.stdin_socket:
+            ET.SubElement(devices, "controller", type="virtio-serial", index="0", ports="1")
+            chan = ET.SubElement(devices, "channel", type="unix")
+            # mode connect: QEMU connects while it starts, before the guest runs, so the port is
+            # open (host_connected) when the task first reads, and our hang-up becomes its EOF.
+            ET.SubElement(chan, "source", mode="connect", path=self.stdin_socket)
+            ET.SubElement(chan, "target", type="virtio", name=STDIN_PORT_NAME)
         ET.SubElement(devices, "controller", type="usb", model="none")
         ET.SubElement(devices, "memballoon", model="virtio" if self.balloon else "none")
         if self.root_bus_devices:
-            pci = [el for el in devices if el.tag in ("disk", "interface")
-                   or (el.tag == "memballoon" and el.get("model") != "none")]
+            pci = [el for el in devices if el.tag in ("disk", "interface", "filesystem")
+                   or (el.tag == "memballoon" and el.get("model") != "none")
+                   or (el.tag == "controller" and el.get("type") == "virtio-serial")]
             for slot, el in enumerate(pci, start=2):
                 ET.SubElement(el, "address", type="pci", domain="0x0000", bus="0x00", slot=f"0x{slot:02x}",
                               function="0x0")
@@ -186,6 +213,16 @@ def _disk_element(disk):
     return el
 
 
+def _filesystem_element(fs):
+    el = ET.Element("filesystem", type="mount", accessmode=fs.accessmode)
+    ET.SubElement(el, "driver", type="path")
+    ET.SubElement(el, "source", dir=fs.source)
+    ET.SubElement(el, "target", dir=fs.tag)
+    if fs.readonly:
+        ET.SubElement(el, "readonly")  # QEMU refuses every change (EROFS), whatever the guest mounts
+    return el
+
+
 def _interface_element(nic):
     el = ET.Element("interface", type="ethernet")
     ET.SubElement(el, "mac", address=nic.mac)
@@ -210,11 +247,13 @@ def parse_metadata(xml_text):
 
 
 def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot,
-           interfaces=(), quick_cpu_probe=False, control_socket=None):
+           interfaces=(), quick_cpu_probe=False, control_socket=None,
+           filesystems=(), stdin_socket=None):
     """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
     and cmdline for direct kernel boot, or None to boot the disk (a cloud image).
     ``quick_cpu_probe``: the host's cpuprobe.choose() said yes. ``control_socket``: where libvirt
-    listens for what vmiso writes to the task channel."""
+    listens for what vmiso writes to the task channel. ``filesystems``: Filesystem objects (the
+    task's volumes). ``stdin_socket``: where vmiso listens for the task's stdin port."""
     quota = None
     if resources.cpus != resources.vcpus:
         quota = int(round(resources.cpus * CPU_PERIOD_US))
@@ -237,4 +276,5 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         cmdline=boot.cmdline if boot is not None else None,
         dropped_qemu_caps=(cpuprobe.CAPABILITY,) if quick_cpu_probe else (),
         task_channel_socket=str(control_socket) if control_socket else None,
+        filesystems=tuple(filesystems), stdin_socket=str(stdin_socket) if stdin_socket else None,
     )

@@ -6,6 +6,8 @@
 # thing written to the task channel is "VMISO-<nonce> EXIT <code>\n"; then the VM powers off (or
 # resets, without ACPI). A line "VMISO-<nonce> TERM" read from the task channel (the host's stop
 # request: vmiso kill with a grace period) sends SIGTERM to the task, as docker stop does.
+# Data in: "volumes" lists host directories (virtio-9p tags) to mount before the task runs;
+# "stdin" names the virtio-serial port that is the task's stdin (without it: /dev/null).
 d=${1:?usage: task.sh DIR}
 out=/dev/ttyS1
 err=/dev/ttyS2
@@ -28,6 +30,29 @@ unset line v
 workdir=/
 if [ -s "$d/workdir" ]; then decode "$(cat "$d/workdir")"; workdir=$v; fi
 
+# mount_volumes ROOT: each "TAG ro|rw BASE64(GUEST)" line of the seed's volumes file, mounted at
+# ROOT/GUEST (ROOT: empty, or a container image's root), parents first. QEMU enforces ro on the
+# host; the guest's option only makes writes fail early. msize: the largest the kernel's virtio
+# transport takes (fewer, larger 9p requests); cache=mmap: reads and writes go straight to the
+# host (what the task writes is there at once), and shared writable mmap works.
+mount_volumes() {
+  [ -s "$d/volumes" ] || return 0
+  while IFS=' ' read -r tag mode path; do
+    decode "$path"
+    mkdir -p "$1$v" 2>"$err" &&
+      mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,$mode" "$tag" "$1$v" 2>"$err" ||
+      { echo "vmiso: cannot mount volume $tag at $v" >"$err"; return 1; }
+  done <"$d/volumes"
+}
+# The stdin port: the virtio-serial port whose name the seed gives (/dev/vportNpM; no udev here).
+stdin=/dev/null
+if [ -s "$d/stdin" ]; then
+  IFS= read -r port <"$d/stdin"
+  for f in /sys/class/virtio-ports/*/name; do
+    IFS= read -r name <"$f" && [ "$name" = "$port" ] && { p=${f%/name}; stdin=/dev/${p##*/}; }
+  done
+fi
+
 # The stop listener: in the background, so the task itself runs in the foreground (a background
 # command would start with SIGINT and SIGQUIT ignored). The task writes its own pid before it
 # execs, for the listener to signal it and nothing else.
@@ -43,14 +68,14 @@ listen_for_stop() {
 listen_for_stop &
 listener=$!
 
-if cd "$workdir" 2>"$err"; then
+if mount_volumes "$image_root" && cd "$workdir" 2>"$err"; then
   echo VMISO-TASK-START >/dev/ttyS0 2>/dev/null  # the host's "task started" marker (vmiso bench)
   # $$ and "$@" belong to the inner shell, which uses no variable of its own: it exports the
   # pairs up to "--" and execs the rest (the task's PATH finds the command, as in docker). No
   # pid file (a read-only /run): the task runs anyway, only without a graceful stop.
   sh -c 'echo $$ >"$0" 2>/dev/null
     while [ "$1" != -- ]; do export "$1"; shift; done; shift
-    exec "$@"' "$pidfile" "$@" </dev/null >"$out" 2>"$err"
+    exec "$@"' "$pidfile" "$@" <"$stdin" >"$out" 2>"$err"
   code=$?
 else
   code=126
