@@ -13,7 +13,7 @@ import warnings
 import pytest
 
 from tests.net import nsutil
-from vmiso import LaunchFailed, TaskSpec
+from vmiso import AlreadyExists, InvalidSpec, LaunchFailed, TaskSpec
 from vmiso.net import api, features, filter, ipam, tap
 from vmiso.spec import NetworkSpec, RateLimit
 
@@ -182,6 +182,29 @@ def test_guests_in_different_vlans_cannot_reach_each_other(iso, cid, workdir):
         iso.destroy(cid, grace=0)
         iso.destroy(cid + "b", grace=0)
         api.delete_bridge(workdir, bridge, force=True)
+
+
+def test_identities_outside_the_plan_are_refused_before_anything_is_made(iso, cid, lan):
+    """A bridge vmiso does not manage, an address outside the plan, a tenant choice the bridge's
+    plan forbids: launch raises InvalidSpec before the container has a directory."""
+    bridge, prefix, _ = lan
+    foreign = nsutil.unique("vmtb")
+    subprocess.run(["ip", "link", "add", foreign, "type", "bridge"], check=True)
+    try:
+        refused = [({"bridge": foreign}, InvalidSpec, f"vmiso net bridge create {foreign}"),
+                   ({"bridge": bridge, "ip": "192.168.77.5/24"}, InvalidSpec, "outside"),
+                   ({"bridge": bridge, "ip": prefix + "1/24"}, AlreadyExists, "bridge's own")]
+        for net, error, words in refused:
+            with pytest.raises(error, match=words):
+                iso.launch(cid, TaskSpec.shell("true", network=NetworkSpec(**net)))
+            assert not os.path.exists(iso.workdir.container_dir(cid))
+        ipam.Store(iso.workdir.root).set_plan(bridge, tenant_ip=False)
+        with pytest.raises(InvalidSpec, match="operator's policy"):
+            _launch(iso, cid, "true", bridge, ip=prefix + "9/24")
+        assert not os.path.exists(iso.workdir.container_dir(cid))
+        assert ipam.Store(iso.workdir.root).lease(cid) is None
+    finally:
+        subprocess.run(["ip", "link", "del", foreign], capture_output=True)
 
 
 @pytest.mark.parametrize("point", ["launch:seed", "launch:network", "launch:create"])
