@@ -247,3 +247,15 @@ def test_read_file_gives_regular_files_only_never_through_symlinks(tmp_path):
     assert tree.read_file("link/passwd", 1024) is None
     assert tree.read_file("big", 99) is None and tree.read_file("missing/x", 10) is None
     assert tree.read_file("dev", 10) is None
+
+
+def test_a_directory_replaced_mid_layer_is_never_written_through_an_old_handle(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    refused(tmp_path, [Entry("a/b/f1", data=b"1")],
+            [Entry("a/b/f2", data=b"2"), Entry("a", "symlink", target=str(outside)), Entry("a/b/f3", data=b"3")],
+            match="a is a symlink")
+    assert os.listdir(outside) == []
+    tree = build(fresh(tmp_path, "2"), [Entry("d/x/f1", data=b"1"), Entry("d", "file", data=b"now a file"),
+                                        Entry("e/f", data=b"e")])
+    assert (tmp_path / "2" / "tree" / "d").read_bytes() == b"now a file" and tree.entries == 3

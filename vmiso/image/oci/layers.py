@@ -65,6 +65,10 @@ class Tree:
         self._where = self.path
         self._touched = set()   # paths this layer wrote
         self._prefixes = set()  # and every directory above them
+        # The directory the last entry went into: tar entries come grouped by directory, and
+        # walking every path from the root costs more than writing the files. Dropped when it or
+        # a directory above it is removed (the only way one can go away or be replaced).
+        self._cached = None  # (parts, fd)
 
     # -- walking ----------------------------------------------------------------------------
 
@@ -98,6 +102,22 @@ class Tree:
             raise
         return fd
 
+    def _parent(self, parts):
+        """A directory fd for ``parts`` (made if missing), owned by the cache: never closed by
+        the caller."""
+        if self._cached is not None and self._cached[0] == parts:
+            return self._cached[1]
+        fd = self._open_dir(parts, create=True)
+        self._invalidate()
+        self._cached = (parts, fd)
+        return fd
+
+    def _invalidate(self, removed=()):
+        """Drop the cached directory if it is ``removed`` or below it (``()``: always)."""
+        if self._cached is not None and self._cached[0][:len(removed)] == removed:
+            os.close(self._cached[1])
+            self._cached = None
+
     @staticmethod
     def _lstat(dfd, name):
         try:
@@ -122,12 +142,13 @@ class Tree:
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
             self.bytes -= st.st_size
 
-    def _remove(self, dfd, name, st):
-        """Remove ``name`` (a directory with all it holds), never following a symlink."""
+    def _remove(self, dfd, name, st, path):
+        """Remove ``name`` (at ``path``; a directory with all it holds), never following a symlink."""
         if stat.S_ISDIR(st.st_mode):
+            self._invalidate(path)
             fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
             try:
-                self._clear(fd, (), keep=False)
+                self._clear(fd, path, keep=False)
             finally:
                 os.close(fd)
             os.rmdir(name, dir_fd=dfd)
@@ -149,7 +170,7 @@ class Tree:
                     finally:
                         os.close(sub)
                 continue
-            self._remove(fd, child, st)
+            self._remove(fd, child, st, path)
 
     # -- one layer --------------------------------------------------------------------------
 
@@ -167,6 +188,8 @@ class Tree:
             raise ImageError(where, f"not a valid tar layer: {err}") from err
         except OSError as err:
             raise ImageError(where, f"cannot apply the layer: {err}") from err
+        finally:
+            self._invalidate()
 
     def _mark(self, parts):
         self._touched.add(parts)
@@ -192,11 +215,7 @@ class Tree:
             return  # other AUFS metadata (.wh..wh.plnk and the like): never part of the tree
         if leaf.startswith(WHITEOUT):
             return self._whiteout(above, leaf[len(WHITEOUT):], member.name)
-        dfd = self._open_dir(above, create=True)
-        try:
-            self._make(dfd, leaf, parts, tar, member)
-        finally:
-            os.close(dfd)
+        self._make(self._parent(above), leaf, parts, tar, member)
         self._mark(parts)
 
     def _whiteout(self, above, name, entry):
@@ -211,7 +230,7 @@ class Tree:
         try:
             st = self._lstat(dfd, name)
             if st is not None:
-                self._remove(dfd, name, st)
+                self._remove(dfd, name, st, path)
         finally:
             os.close(dfd)
 
@@ -230,7 +249,7 @@ class Tree:
         existing = self._lstat(dfd, leaf)
         if member.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                self._remove(dfd, leaf, existing)
+                self._remove(dfd, leaf, existing, parts)
                 existing = None
             if existing is None:
                 os.mkdir(leaf, 0o700, dir_fd=dfd)
@@ -245,7 +264,7 @@ class Tree:
         if member.islnk():
             return self._hardlink(dfd, leaf, parts, member, existing)
         if existing is not None:
-            self._remove(dfd, leaf, existing)
+            self._remove(dfd, leaf, existing, parts)
         if member.isreg():
             self._regular(dfd, leaf, tar, member)
         elif member.issym():
@@ -292,7 +311,7 @@ class Tree:
             if stat.S_ISDIR(st.st_mode):
                 raise ImageError(self._where, f"hard link {member.name!r} points at a directory")
             if existing is not None:
-                self._remove(dfd, leaf, existing)
+                self._remove(dfd, leaf, existing, parts)
             os.link(target[-1], leaf, src_dir_fd=tfd, dst_dir_fd=dfd, follow_symlinks=False)
             self._count(1, 0)
         finally:
