@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 
-from . import admission, faults, state
+from . import admission, faults, state, taskrun
 from .accounting import live as accounting
 from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostname, hold_launch_lock
 from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, NotOwned, Timeout, VmisoError
@@ -87,6 +87,7 @@ class Isolator:
         stdin_channel.check_source(spec.stdin)
         self.workdir.ensure()
         image = resolve(self.workdir, spec.image, spec.image_format, allow_paths=self.image_paths)
+        task = taskrun.plan(spec, image)  # argv, env, workdir, user: what the guest runs
         resolved = time.monotonic()
         size = spec.resources.disk_bytes
         if size is not None and size < image.virtual_size:
@@ -147,10 +148,15 @@ class Isolator:
                 step = "network"  # address and MAC first: the seed carries them to the guest
                 network_config = self._plan_network(c, spec.network)
             step = "seed"
-            files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=guest_hostname(container_id),
-                                    argv=spec.command, env=spec.env, nonce=checkpoint.nonce,
+            hostname = guest_hostname(container_id)
+            oci = None
+            if task.user is not None:
+                address = c.checkpoint.extra["ip"].split("/")[0] if "ip" in c.checkpoint.extra else None
+                oci = seed.oci_line(*task.user, hostname, address)
+            files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=hostname,
+                                    argv=task.argv, env=task.env, nonce=checkpoint.nonce,
                                     data_files=_data_files(shares, spec),
-                                    workdir=spec.workdir, network_config=network_config)
+                                    workdir=task.workdir, network_config=network_config, oci=oci)
             seed.write_seed(c.path(SEED), files)
             self._step(c, "launch:seed")
             if spec.network is not None:
@@ -224,7 +230,7 @@ class Isolator:
             logs=(c.path(CONSOLE_LOG), c.path(STDOUT), c.path(STDERR)),
             metadata={"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id},
             boot=image if image.kernel else None, interfaces=nics, quick_cpu_probe=self.cpu_probe().quick,
-            control_socket=c.path(CONTROL_SOCKET), **_data_devices(c),
+            control_socket=c.path(CONTROL_SOCKET), **_data_devices(c), system_disk=image.system_disk,
         )
         return config.to_xml()
 

@@ -16,6 +16,8 @@ from .errors import InvalidSpec
 # before an id touches anything. First character alphanumeric (no '-', '.', '..'), at most 64.
 CONTAINER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# user[:group], each a name (as useradd takes them) or a number
+USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?")
 ACCELS = ("auto", "kvm", "tcg")
 
 MAX_CPUS = 256
@@ -206,12 +208,47 @@ def _argv_item(i, item):
     return encoded
 
 
+def check_exec_size(argv, env):
+    """The guest kernel's exec limits (see MAX_ARG_BYTES): InvalidSpec unless ``argv`` (bytes
+    items) and ``env`` ({name: str}) fit."""
+    sizes = [len(a) for a in argv]
+    for i, size in enumerate(sizes):
+        if size > MAX_ARG_BYTES:
+            raise InvalidSpec(f"command[{i}]", f"is {size} bytes; one argument may hold at most "
+                                               f"{MAX_ARG_BYTES} (put a longer script in a file)")
+    for name, value in env.items():
+        size = len(name) + 1 + len(value.encode("utf-8", "surrogateescape"))
+        if size > MAX_ARG_BYTES:
+            raise InvalidSpec("env", f"{name} is {size} bytes; one variable may hold at most {MAX_ARG_BYTES}")
+        sizes.append(size)
+    total = sum(sizes) + len(sizes)
+    if total > MAX_ARGV_BYTES:
+        raise InvalidSpec("command", f"the command and its environment are {total} bytes; at most "
+                                     f"{MAX_ARGV_BYTES} together (put more data in a file)")
+
+
+def _argv(name, value):
+    """A tuple of argv items (str or bytes) from ``value``, or None."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        raise InvalidSpec(name, "must be a list of arguments, not a string (use TaskSpec.shell for a shell line)")
+    value = tuple(value)
+    for i, item in enumerate(value):
+        _argv_item(i, item)
+    return value
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task: ``command`` is an argv (str or bytes items; never parsed by a shell unless it
-    is one, e.g. ``TaskSpec.shell("echo hi")``)."""
+    is one, e.g. ``TaskSpec.shell("echo hi")``). With a container image, ``command`` None runs
+    the image's default (its Cmd), a command replaces Cmd, ``entrypoint`` replaces the image's
+    Entrypoint (``[]`` clears it) and ``user`` ("uid[:gid]" or names from the image's own
+    /etc/passwd and /etc/group) its User, as ``docker run`` does; micro and disk images need a
+    command and take neither."""
 
-    command: tuple
+    command: Optional[tuple] = None
     env: dict = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     image: str = "micro"
@@ -226,16 +263,16 @@ class TaskSpec:
     volumes: tuple = ()
     sandbox: Optional[str] = None
     stdin: object = None
+    entrypoint: Optional[tuple] = None
+    user: Optional[str] = None
 
     def __post_init__(self):
-        if isinstance(self.command, (str, bytes)) or not self.command:
-            raise InvalidSpec("command", "must be a non-empty list of arguments (use TaskSpec.shell for a string)")
-        object.__setattr__(self, "command", tuple(self.command))
-        sizes = [len(_argv_item(i, a)) for i, a in enumerate(self.command)]
-        for i, size in enumerate(sizes):
-            if size > MAX_ARG_BYTES:
-                raise InvalidSpec(f"command[{i}]", f"is {size} bytes; one argument may hold at most "
-                                                   f"{MAX_ARG_BYTES} (put a longer script in a file)")
+        object.__setattr__(self, "command", _argv("command", self.command))
+        if self.command == ():
+            raise InvalidSpec("command", "must not be empty (None runs a container image's default command)")
+        object.__setattr__(self, "entrypoint", _argv("entrypoint", self.entrypoint))
+        if self.user is not None and (not isinstance(self.user, str) or not USER_RE.fullmatch(self.user)):
+            raise InvalidSpec("user", f"{self.user!r} is not uid[:gid] or name[:group]")
         object.__setattr__(self, "env", dict(self.env))
         object.__setattr__(self, "volumes", _volumes(self.volumes, self.sandbox))
         if self.sandbox is not None:  # as the Mesos containerizer does for a container task
@@ -248,14 +285,8 @@ class TaskSpec:
                 raise InvalidSpec("env", f"{name!r} is not a valid variable name")
             if not isinstance(value, str) or "\0" in value:
                 raise InvalidSpec("env", f"value of {name} must be a string without NUL")
-            size = len(name) + 1 + len(value.encode("utf-8", "surrogateescape"))
-            if size > MAX_ARG_BYTES:
-                raise InvalidSpec("env", f"{name} is {size} bytes; one variable may hold at most {MAX_ARG_BYTES}")
-            sizes.append(size)
-        total = sum(sizes) + len(sizes)
-        if total > MAX_ARGV_BYTES:
-            raise InvalidSpec("command", f"the command and its environment are {total} bytes; at most "
-                                         f"{MAX_ARGV_BYTES} together (put more data in a file)")
+        argv = [_argv_item(i, a) for i, a in enumerate((self.entrypoint or ()) + (self.command or ()))]
+        check_exec_size(argv, self.env)
         if not isinstance(self.resources, Resources):
             raise InvalidSpec("resources", "must be a vmiso.Resources")
         if self.timeout is not None:

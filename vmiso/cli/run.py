@@ -25,9 +25,16 @@ def register(sub):
                     "and stderr as they arrive and exits with its exit code (124: timeout, 137: killed, "
                     "125: vmiso failed). The VM and its files are removed afterwards.",
         epilog="example: vmiso run --cpus 2 --mem 512 -- sh -c 'nproc; free -m'")
-    p.add_argument("--image", default="micro",
-                   help="micro (default; micro:lean or micro:stock picks its kernel), a stored image's name or id, "
-                        "or the path of a base image")
+    p.add_argument("--image", default=None,
+                   help="micro (default; micro:lean or micro:stock picks its kernel), a stored image's name or id "
+                        "(a container image too: 'vmiso image pull/import'), or the path of a base image. As with "
+                        "docker, a container image may also come first: vmiso run NAME:TAG [CMD...]")
+    p.add_argument("--entrypoint", metavar="CMD",
+                   help="container images: run CMD instead of the image's Entrypoint (its Cmd is dropped; "
+                        "'' clears it)")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]",
+                   help="container images: the task's user, a name from the image's /etc/passwd or a uid "
+                        "(default: the image's User, else root)")
     p.add_argument("--format", choices=("qcow2", "raw"), help="the base image's format (default: qcow2; "
                                                              "raw must be declared)")
     p.add_argument("--cpus", type=float, help="CPUs: vCPUs = ceil(N), fractions become a quota "
@@ -66,16 +73,39 @@ def register(sub):
     p.set_defaults(func=run)
 
 
+def looks_like_image(word):
+    """A word in CMD's place that names a container image as docker's ``run IMAGE``: it has a
+    tag or a registry or repository part (``python:3.12``, ``reg:5000/x``, ``library/x``) and
+    is not a path (``/bin/echo``, ``./job``). Anything else is the command, as before."""
+    return (":" in word or "/" in word) and not word.startswith(("/", ".", "-"))
+
+
+def image_and_command(args):
+    """(image, command or None) from --image and the words after the options."""
+    cmd = list(args.cmd)
+    image = args.image
+    if cmd[:1] == ["--"]:
+        cmd = cmd[1:]
+    elif image is None and cmd and looks_like_image(cmd[0]):
+        image, cmd = cmd[0], cmd[1:]
+        cmd = cmd[1:] if cmd[:1] == ["--"] else cmd
+    return image or "micro", cmd or None
+
+
 def spec_from_args(args):
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
+    image, cmd = image_and_command(args)
+    if cmd is None and image.startswith("micro"):
         raise InvalidSpec("command", "missing: vmiso run [OPTIONS] [--] CMD [ARG...]")
+    entrypoint = None
+    if args.entrypoint is not None:
+        entrypoint = [args.entrypoint] if args.entrypoint else []
     cpus, mem_mib = slurm.size(args.cpus, args.mem, os.environ)
     resources = Resources(cpus=cpus, mem_mib=mem_mib, disk_gib=args.disk)
-    return TaskSpec(command=[os.fsencode(a) for a in cmd], env=taskdata.task_env(args, os.environ),
+    return TaskSpec(command=None if cmd is None else [os.fsencode(a) for a in cmd],
+                    entrypoint=entrypoint, user=args.user, env=taskdata.task_env(args, os.environ),
                     resources=resources, volumes=taskdata.volumes(args),
                     stdin=sys.stdin.buffer if args.interactive else None,
-                    image=args.image, image_format=args.format, timeout=args.timeout,
+                    image=image, image_format=args.format, timeout=args.timeout,
                     workdir=args.guest_workdir, network=_network(args))
 
 

@@ -41,7 +41,7 @@ from typing import Optional
 
 from .._proc import run
 from ..errors import ImageError, InvalidSpec
-from . import debs, lean, pvh
+from . import debs, execbin, lean, pvh
 
 BUILDER_VERSION = "3"
 KERNELS = ("lean", "stock")  # what build_micro(kernel=...) takes; see the module's docstring
@@ -105,6 +105,7 @@ def _image_key(kernel_flavour, kernel_id, busybox_sha):
     parts = [_RECIPE.encode(), repr(pvh.tools()).encode(), kernel_flavour.encode(), kernel_id.encode(),
              busybox_sha.encode()]
     parts += [_guest_script(name) for name in GUEST_SCRIPTS]
+    parts += [execbin.source(), execbin.identity().encode()]
     for part in parts:  # length-prefixed, so no two different inputs hash alike
         digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
@@ -180,8 +181,9 @@ _ETC = {
 }
 
 
-def _populate_root(root, busybox):
-    """The root tree: busybox with every applet linked, /etc basics, mount points, /sbin/init."""
+def _populate_root(root, busybox, scratch):
+    """The root tree: busybox with every applet linked, /etc basics, mount points, /sbin/init,
+    and vmiso-exec (execbin.py), which starts a container image's task."""
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "run", "mnt"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir(mode=0o1777)
@@ -202,6 +204,9 @@ def _populate_root(root, busybox):
     init.unlink(missing_ok=True)  # busybox's own init applet: replaced by the contract script
     init.write_bytes(_guest_script("micro-init"))
     init.chmod(0o755)
+    helper = root / execbin.GUEST_PATH
+    helper.parent.mkdir(parents=True, exist_ok=True)
+    execbin.build(helper, scratch)
 
 
 def _make_root_qcow2(root, scratch, out, key):
@@ -343,7 +348,7 @@ def _build(out, scratch, debs_found, kernel, key, progress):
         (out / "initrd.img").write_bytes(cpio)
     progress("micro: making the root file system")
     root = scratch / "root"
-    _populate_root(root, busybox)
+    _populate_root(root, busybox, scratch)
     _make_root_qcow2(root, scratch, out / "root.qcow2", key)
     manifest = {
         "key": key, "builder_version": BUILDER_VERSION, "kernel_version": kernel_version,

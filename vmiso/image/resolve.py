@@ -6,14 +6,30 @@ stored base; the id of a stored base or a unique prefix of it (12 or more hex di
 to a base image. Stored bases were verified when they were added and are checked cheaply again
 here (file stamp, header); a path is verified before every use. Nothing is ever probed.
 A stored base added with boot "micro" is a root file system for the micro kernel and initramfs;
-one with boot "oci" (a container image, image/oci/) is refused until launch can run one.
+one with boot "oci" (a container image, image/oci/) is the task's root under micro's lean kernel:
+the image becomes the VM's disk (vda, its overlay), micro's root a shared read-only vdc that the
+kernel boots (vmiso's init and wrapper), and the image's config says what the task is.
 """
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ImageError, InvalidSpec, NotFound
 from . import qcow2, store
+
+# micro's lean kernel boots micro's root from vdc, read-only; the image's root is vda.
+_OCI_ROOT = ("root=/dev/vda", "root=/dev/vdc")
+_OCI_RW = (" rw ", " ro ")
+
+
+@dataclass(frozen=True)
+class ContainerImage:
+    """What launch needs of a container image: its config (parsed), and its /etc/passwd and
+    /etc/group (text, read at import) to resolve user names."""
+    config: dict
+    passwd: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,8 @@ class BootImage:
     kernel: Optional[str] = None   # set: direct kernel boot (micro); None: boot the disk
     initrd: Optional[str] = None
     cmdline: Optional[str] = None
+    system_disk: Optional[str] = None             # micro's root, read-only vdc (container images)
+    container: Optional[ContainerImage] = None    # set: a container image (its config rules)
 
 
 def resolve(workdir, image, declared_format=None, allow_paths=True):
@@ -68,7 +86,37 @@ def _stored(workdir, ref, declared_format, image, info):
     if image.boot == "micro":
         return _micro(workdir, (ref, image.path, info.format, info.virtual_size))
     if image.boot == "oci":
-        # A container image's root is not a bootable disk; booting it needs micro's kernel and
-        # init to chroot into it, which launch does not do yet.
-        raise ImageError(image.path, f"{ref} is a container image; running container images is not supported yet")
+        return _container(workdir, ref, image, info)
     return BootImage(ref, image.path, info.format, info.virtual_size)
+
+
+def _container(workdir, ref, image, info):
+    """A container image's root under micro's lean kernel (its config read beside the base)."""
+    from . import micro
+
+    built = micro.find_micro(workdir.root, "lean")
+    if built is None:
+        raise NotFound("image", "micro:lean, which runs container images (build it once with "
+                                "'vmiso image build-micro')")
+    directory = os.path.dirname(image.path)
+    try:
+        config = json.loads(_read(os.path.join(directory, store.OCI_CONFIG), ref))
+    except ValueError as err:
+        raise ImageError(directory, f"{ref}: the stored image config is not JSON: {err}") from err
+    container = ContainerImage(config, _read(os.path.join(directory, "passwd"), ref, missing_ok=True),
+                               _read(os.path.join(directory, "group"), ref, missing_ok=True))
+    cmdline = f" {built.cmdline} ".replace(*_OCI_ROOT).replace(*_OCI_RW).strip()
+    return BootImage(ref, image.path, info.format, info.virtual_size, str(built.kernel), None, cmdline,
+                     system_disk=str(built.base), container=container)
+
+
+def _read(path, ref, missing_ok=False):
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except FileNotFoundError:
+        if missing_ok:
+            return ""
+        raise ImageError(path, f"{ref}: the stored container image is incomplete") from None
+    except (OSError, ValueError) as err:
+        raise ImageError(path, f"{ref}: cannot read: {err}") from err

@@ -13,14 +13,18 @@ Contents (the guest contract, DESIGN.md):
   vmiso/nonce      the launch's random marker for the exit line
   vmiso/volumes    host directories to mount: "TAG ro|rw BASE64(GUEST)" a line (virt/volumes.py)
   vmiso/stdin      present when the task's stdin is the virtio-serial port named in it
+  vmiso/oci        a container image's task only: "UID GID GROUPS HOSTNAME ADDRESS" (numbers,
+                   GROUPS comma-separated or "-", ADDRESS an IPv4 address or "-"), checked here
 
 Everything user-supplied is base64 inside JSON, so nothing the user types can change the shape
 of the YAML, the shell or the ISO.
 """
 import base64
 import io
+import ipaddress
 import json
 import os
+import re
 from importlib import resources
 
 from ..errors import ImageError
@@ -43,15 +47,31 @@ def _as_bytes(value):
     return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
-def task_files(argv, env, nonce, workdir=None):
-    """The task's data files, name -> bytes, as the wrapper reads them."""
-    return {
+def oci_line(uid, gid, groups, hostname, address=None):
+    """The ``oci`` file: who the task runs as inside its image, and its host name and address.
+    Plain text the wrapper splits on spaces, so every value is checked to hold none."""
+    ids = [uid, gid, *groups]
+    if not all(isinstance(i, int) and 0 <= i < 1 << 31 for i in ids):
+        raise ImageError("oci", f"user and group ids must be numbers below 2^31: {ids}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", hostname or ""):
+        raise ImageError("oci", f"{hostname!r} is not a host name")
+    address = str(ipaddress.IPv4Address(address)) if address else "-"
+    group_list = ",".join(str(g) for g in groups) or "-"
+    return f"{uid} {gid} {group_list} {hostname} {address}\n".encode("ascii")
+
+
+def task_files(argv, env, nonce, workdir=None, oci=None):
+    """The task's data files, name -> bytes, as the wrapper reads them (``oci``: oci_line())."""
+    files = {
         WRAPPER_NAME: wrapper_script(),
         "argv": _b64_lines(_as_bytes(a) for a in argv),
         "env": _b64_lines(_as_bytes(k) + b"=" + _as_bytes(v) for k, v in env.items()),
         "workdir": base64.b64encode(_as_bytes(workdir)) + b"\n" if workdir else b"",
         "nonce": nonce.encode("ascii") + b"\n",
     }
+    if oci is not None:
+        files["oci"] = oci
+    return files
 
 
 def data_files(volume_lines=b"", stdin_port=None):
@@ -89,9 +109,9 @@ def meta_data(instance_id, hostname):
 
 
 def seed_files(*, instance_id, hostname, argv, env, nonce, data_files=None,
-               workdir=None, network_config=None):
+               workdir=None, network_config=None, oci=None):
     """Every file of the seed ISO, path -> bytes (paths relative to the ISO root)."""
-    files = task_files(argv, env, nonce, workdir)
+    files = task_files(argv, env, nonce, workdir, oci)
     files.update(data_files or {})
     out = {"meta-data": meta_data(instance_id, hostname), "user-data": user_data(files)}
     if network_config is not None:

@@ -32,6 +32,7 @@ class Disk:
     readonly: bool = False
     backing: Optional[str] = None         # backing file, stated so libvirt never probes
     backing_format: Optional[str] = None
+    shared: bool = False        # a read-only base used as it is (by many VMs): never relabelled
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,10 @@ def _disk_element(disk):
     # error inside the guest, which ends its task; QEMU's default pauses the VM forever.
     ET.SubElement(el, "driver", name="qemu", type=disk.format, discard="unmap",
                   error_policy="report", rerror_policy="report")
-    ET.SubElement(el, "source", file=disk.path)
+    source = ET.SubElement(el, "source", file=disk.path)
+    if disk.shared:
+        ET.SubElement(source, "seclabel", model="dac", relabel="no")  # root's, 0444, as a backing base
+        ET.SubElement(el, "backingStore")  # it has no backing file: nothing to probe
     if disk.backing:
         store = ET.SubElement(el, "backingStore", type="file")
         ET.SubElement(store, "format", type=disk.backing_format or "qcow2")
@@ -248,9 +252,11 @@ def parse_metadata(xml_text):
 
 def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot,
            interfaces=(), quick_cpu_probe=False, control_socket=None,
-           filesystems=(), stdin_socket=None):
+           filesystems=(), stdin_socket=None, system_disk=None):
     """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
     and cmdline for direct kernel boot, or None to boot the disk (a cloud image).
+    ``system_disk``: micro's root as a shared read-only vdc (a container image's task: the
+    overlay is the image's root, micro's root only runs vmiso's init and wrapper).
     ``quick_cpu_probe``: the host's cpuprobe.choose() said yes. ``control_socket``: where libvirt
     listens for what vmiso writes to the task channel. ``filesystems``: Filesystem objects (the
     task's volumes). ``stdin_socket``: where vmiso listens for the task's stdin port."""
@@ -261,6 +267,8 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         Disk(str(overlay), "vda", "qcow2", backing=str(base), backing_format=base_format),
         Disk(str(seed), "vdb", "raw", readonly=True),
     )
+    if system_disk is not None:
+        disks += (Disk(str(system_disk), "vdc", "qcow2", readonly=True, shared=True),)
     return DomainConfig(
         name=name, uuid=uuid, domain_type=accel.domain_type, vcpus=resources.vcpus,
         memory_mib=resources.mem_mib, disks=disks, serial_logs=tuple(str(p) for p in logs),

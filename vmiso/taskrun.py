@@ -1,0 +1,56 @@
+"""What the guest runs for a TaskSpec on a given image: argv, environment, working directory and,
+for a container image, the user, as ``docker run`` derives them from the image's config.
+
+micro and disk images have no config: the spec's command is the task, and a spec that asks for
+what only an image config can give (no command, an entrypoint, a user) is refused. Pure: no I/O.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import InvalidSpec
+from .image.oci import config as oci_config
+from .spec import ENV_NAME_RE, check_exec_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GuestTask:
+    argv: tuple                    # bytes items
+    env: dict
+    workdir: Optional[str]
+    user: Optional[tuple] = None   # (uid, gid, supplementary gids): a container image's task only
+
+
+def _text(argv):
+    return None if argv is None else [a if isinstance(a, str) else a.decode("utf-8", "surrogateescape") for a in argv]
+
+
+def _bytes(argv):
+    return tuple(a if isinstance(a, bytes) else a.encode("utf-8", "surrogateescape") for a in argv)
+
+
+def plan(spec, image):
+    """The GuestTask for ``spec`` on ``image`` (a resolve.BootImage); InvalidSpec if it cannot run."""
+    container = image.container
+    if container is None:
+        if spec.command is None:
+            raise InvalidSpec("command", f"missing: {image.name} is not a container image, so it has no default "
+                                         "command (vmiso run [OPTIONS] -- CMD [ARG...])")
+        for name in ("entrypoint", "user"):
+            if getattr(spec, name) is not None:
+                raise InvalidSpec(name, f"only a container image has one to replace ({image.name} is not one)")
+        return GuestTask(_bytes(spec.command), spec.env, spec.workdir)
+    run = oci_config.run_config(container.config, command=_text(spec.command), entrypoint=_text(spec.entrypoint),
+                                env=spec.env, workdir=spec.workdir, user=spec.user,
+                                passwd=container.passwd, group=container.group)
+    env = {}
+    for name, value in run.env.items():
+        if ENV_NAME_RE.fullmatch(name) and "\0" not in value:
+            env[name] = value
+        else:  # a shell cannot export it: the guest would refuse the whole task for it
+            log.warning("image %s: variable %r cannot be passed to the task; left out", image.name, name)
+    argv = _bytes(run.argv)
+    check_exec_size(argv, env)
+    return GuestTask(argv, env, run.workdir, (run.uid, run.gid, tuple(run.groups)))
