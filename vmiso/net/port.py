@@ -1,7 +1,8 @@
 """One guest's network end to end, as the Isolator uses it: plan, wire, unwire, release.
 
-  check()    refuses a request the bridge's plan or the kernel would refuse, changing nothing:
-             what a launch asks before it makes anything.
+  check()    refuses a request the bridge's plan refuses (a bridge vmiso does not manage, an
+             address or MAC the plan or another lease rules out), changing nothing and asking
+             no netlink: what a launch asks before it makes anything.
   plan()     checks the bridge (and the kernel, for a VLAN), then leases an address, a MAC and a
              tap name in the work directory's store (ipam.py). Before the seed is built: the
              guest learns its address from the seed's network-config.
@@ -22,23 +23,20 @@ log = logging.getLogger(__name__)
 
 
 def check(workdir, container_id, spec):
-    """Raise what plan() would raise for NetworkSpec ``spec``, changing nothing. Returns the
-    bridge's link message and its own IPv4 addresses (plan() takes them from here)."""
-    store = ipam.Store(workdir)
-    store.require_plan(spec.bridge)  # first: a bridge that is not vmiso's is not even looked up
-    bridge_link, own = _bridge(spec.bridge)
-    if spec.vlan is not None:
-        features.require_vlan_filtering(f"VLAN {spec.vlan} on bridge {spec.bridge}", bridge_link)
-    store.check(container_id, spec.bridge, ip=spec.ip, mac=spec.mac, taken_macs=tap.host_macs(),
-                reserved_ips=own)
-    return bridge_link, own
+    """Raise what the bridge's plan says against NetworkSpec ``spec``, changing nothing. Only
+    the store is read: plan() checks all of it again under the store's lock, with the kernel's
+    facts too (the bridge is there, its own addresses, the host's MACs)."""
+    ipam.Store(workdir).check(container_id, spec.bridge, ip=spec.ip, mac=spec.mac)
 
 
 def plan(workdir, container_id, spec):
     """Lease what ``container_id``'s NIC needs per NetworkSpec ``spec``; returns the lease dict
     (bridge, ip, mac, tap). Bad input raises before anything is stored."""
-    bridge_link, own = check(workdir, container_id, spec)
     store = ipam.Store(workdir)
+    store.require_plan(spec.bridge)  # first: a bridge that is not vmiso's is not even looked up
+    bridge_link, own = _bridge(spec.bridge)
+    if spec.vlan is not None:
+        features.require_vlan_filtering(f"VLAN {spec.vlan} on bridge {spec.bridge}", bridge_link)
     reserved = {lease.get("tap") for lease in store.leases().values()}
     name = tap.choose_name(container_id, reserved)
     lease = store.allocate(container_id, spec.bridge, ip=spec.ip, mac=spec.mac, tap=name,
