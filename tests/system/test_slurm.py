@@ -164,3 +164,28 @@ def test_epilog_removes_the_vm_of_a_sigkilled_vmiso(cluster, job_env, workdir, l
     took = _assert_cleaned_within_kill_wait(cluster, workdir, job, killed_at, tap, state="FAILED")
     assert _epilog_removed(cluster, job)
     print(f"SIGKILL + Epilog: cleaned in {took:.1f} s")
+
+
+def test_array_job_environment_reaches_the_guest(cluster, job_env, workdir, tmp_path):
+    """The classic job script with the variable single-quoted: the guest's shell expands it, so
+    each task must see its own SLURM_* variables (passed by default) and write its own file."""
+    import tempfile
+
+    from vmiso.paths import qemu_gid, qemu_uid
+
+    share = tempfile.mkdtemp(prefix="vmiso-slurm-share-", dir="/tmp")
+    os.chown(share, qemu_uid(), qemu_gid())
+    try:
+        job = cluster.sbatch("--array=0-2", "-o", f"{tmp_path}/slurm-%A_%a.out", "--wrap",
+                             f"exec vmiso run -v {share}:/out -- sh -c "
+                             "'echo $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_JOB_ID > /out/task-$SLURM_ARRAY_TASK_ID'",
+                             env=job_env)
+        records = cluster.wait_done(job, count=3, timeout=150)
+        assert sorted(r["ExitCode"] for r in records) == ["0:0"] * 3, records
+        assert sorted(os.listdir(share)) == ["task-0", "task-1", "task-2"]
+        for task in range(3):
+            with open(os.path.join(share, f"task-{task}")) as f:
+                assert f.read() == f"{task} {job}\n"
+        assert leftovers(workdir, f"slurm-{job}_") == []
+    finally:
+        subprocess.run(["rm", "-rf", share], check=True)
