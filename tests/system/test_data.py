@@ -202,3 +202,16 @@ def test_api_stdin_from_a_path(iso, cid, tmp_path):
     out = b"".join(data for stream, data in iso.output(cid, follow=False) if stream == "stdout")
     iso.destroy(cid)
     assert term.exit_code == 0 and out.strip() == b"2"
+
+
+def test_bench_io_reports_every_rate(workdir):
+    """`vmiso bench io` end to end on small sizes (the 256 MiB figures belong to the bench itself)."""
+    import json
+
+    proc = vmiso_cli("bench", "io", "--json", "--size", "8", "--mem", "256", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["size_mib"] == 8 and result["volume"]["accessmode"] == "mapped"
+    for name in ("vol_write", "vol_read", "disk_write", "disk_read", "stdin"):
+        assert result[name + "_s"] > 0 and result[name + "_mbps"] > 0, name
+    assert not [n for n in os.listdir("/var/tmp") if n.startswith("vmiso-bench-io-")]  # its share is gone
