@@ -55,7 +55,7 @@ def _register_oci(isub):
                         description="Import a container image: a 'docker save' or 'podman save' archive "
                                     "(docker-archive), an oci-archive, or an OCI image layout directory; "
                                     "PATH:TAG picks one image of several. Layers are verified against their "
-                                    "digests, applied with OCI semantics into an ext4 root file system (qcow2) "
+                                    "digests, applied with OCI semantics into an ext4 root file system (raw) "
                                     "and stored under the image's config digest, named by the repo:tag the "
                                     "archive carries (or --name).")
     i.add_argument("path", metavar="PATH[:TAG]")

@@ -300,9 +300,9 @@ def staging(workdir):
     return Path(tempfile.mkdtemp(prefix=".add-", dir=_ensure_store(_root(workdir))))
 
 
-def add_oci(workdir, staged, image_id, config, source, oci, names=()):
+def add_oci(workdir, staged, image_id, config, source, oci, names=(), fmt="raw"):
     """Store a container image's root file system: ``staged`` (from ``staging()``) holds
-    ``base.qcow2``, or nothing when the store holds an intact entry of ``image_id`` already
+    ``base.<fmt>``, or nothing when the store holds an intact entry of ``image_id`` already
     (then only the names change); ``config`` is the image config's raw bytes, whose sha256 is
     ``image_id``. Names (repo:tag) move to it. Returns Added. ``staged`` is gone afterwards."""
     for name in names:
@@ -312,9 +312,9 @@ def add_oci(workdir, staged, image_id, config, source, oci, names=()):
     try:
         if hashlib.sha256(config).hexdigest() != image_id:
             raise ImageError(staged, f"the config does not hash to the image id {image_id}")
-        base = staged / "base.qcow2"
+        base = staged / f"base.{fmt}"
         if base.exists():
-            _stage_oci(staged, base, image_id, config, source, oci, names)
+            _stage_oci(staged, base, fmt, image_id, config, source, oci, names)
         with files.locked(store):
             if base.exists():
                 created = _install(store, staged, image_id)
@@ -331,15 +331,15 @@ def add_oci(workdir, staged, image_id, config, source, oci, names=()):
     return Added(lookup(root, image_id), created, previous)
 
 
-def _stage_oci(staged, base, image_id, config, source, oci, names):
-    info = qcow2.verify_base(base, "qcow2")
+def _stage_oci(staged, base, fmt, image_id, config, source, oci, names):
+    info = qcow2.verify_base(base, fmt)
     files.write_atomic(staged / OCI_CONFIG, config, 0o444)
     os.chmod(base, 0o444)
     for name in OCI_FILES:
         if (staged / name).exists():
             os.chmod(staged / name, 0o444)
     meta = {
-        "version": 1, "sha256": image_id, "file_sha256": _sha256_file(base), "format": "qcow2",
+        "version": 1, "sha256": image_id, "file_sha256": _sha256_file(base), "format": fmt,
         "virtual_size": info.virtual_size, "file_size": os.lstat(base).st_size, "added_at": time.time(),
         "added_as": names[0] if names else None, "source": source, "stamp": files.stamp(os.lstat(base)),
         "boot": "oci", "oci": oci,

@@ -372,15 +372,14 @@ def snapshot(root):
 
 
 @contextlib.contextmanager
-def mounted(qcow2, scratch):
-    """The ext4 file system in ``qcow2``, loop-mounted read-only (as a raw copy in ``scratch``)."""
-    raw, mountpoint = Path(scratch) / "fs.raw", Path(scratch) / "mnt"
+def mounted(image, scratch):
+    """The ext4 file system in the raw image ``image``, loop-mounted read-only at
+    ``scratch/mnt``."""
+    mountpoint = Path(scratch) / "mnt"
     mountpoint.mkdir()
-    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow2, raw], timeout=300)
-    run(["mount", "-o", "loop,ro", raw, mountpoint], timeout=60)
+    run(["mount", "-o", "loop,ro", image, mountpoint], timeout=60)
     try:
         yield mountpoint
     finally:
         run(["umount", mountpoint], timeout=60)
-        raw.unlink()
         mountpoint.rmdir()

@@ -5,7 +5,7 @@ In order: skopeo reads the image's config (refused at once if it is not linux/am
 the image into the layer cache (only blobs it lacks); its manifest and config are read back and
 checked against their digests; the layers are applied to a root tree in a staging directory
 of the store, each verified against its blob digest and its diff_id as it streams; the tree
-becomes ext4 in qcow2; the store takes it, named by the sha256 of the config (the image id, as
+becomes a raw ext4 image (rootfs.py); the store takes it, named by the sha256 of the config (the image id, as
 ``docker images`` shows it). A failure at any point removes the staging directory and whatever
 the layer cache gained, so nothing half-made stays. An image already stored is not built again.
 """
@@ -175,7 +175,8 @@ def run_import(workdir, source, names, limits=None, progress=None):
             if stored is None or not store._unchanged(stored):
                 tree_stats = _build(session, descriptors, diff_ids, staged, image_id, limits, progress)
             oci = _summary(config, image_id, digest, descriptors, source, tree_stats)
-            added = store.add_oci(root, staged, image_id, config_bytes, source.label, oci, names)
+            added = store.add_oci(root, staged, image_id, config_bytes, source.label, oci, names,
+                                  fmt=rootfs.FORMAT)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return Imported(added.image, added.created, names, len(descriptors), len(fetched),
@@ -194,7 +195,7 @@ def _check_copy(session, manifest, diff_ids, source):
 
 
 def _build(session, descriptors, diff_ids, staged, image_id, limits, progress):
-    """Apply the layers into staged/tree, then staged/base.qcow2; the tree's size."""
+    """Apply the layers into staged/tree, then the file system staged/base.raw; the tree's size."""
     tree = layers.Tree(staged / "tree", limits)
     for number, (descriptor, diff_id) in enumerate(zip(descriptors, diff_ids), start=1):
         if progress is not None:
@@ -207,7 +208,7 @@ def _build(session, descriptors, diff_ids, staged, image_id, limits, progress):
             (staged / name).write_bytes(data)
     if progress is not None:
         progress("mkfs", len(descriptors), tree.bytes, len(descriptors))
-    rootfs.build(tree.path, str(staged / "base.qcow2"), str(staged), image_id)
+    rootfs.build(tree.path, str(staged / f"base.{rootfs.FORMAT}"), image_id)
     stats = {"bytes": tree.bytes, "entries": tree.entries}
     shutil.rmtree(tree.path)
     return stats
