@@ -130,6 +130,8 @@ def exit_code_of(termination):
 def run(args):
     from .main import isolator
 
+    if args.detach and args.interactive:  # the copy into the guest lives in this process
+        raise InvalidSpec("stdin", "-i streams this process's stdin to the task: it cannot be used with -d")
     spec = spec_from_args(args)
     iso = isolator(args)
     container_id = args.name or slurm.container_id(
