@@ -215,3 +215,25 @@ def test_bench_io_reports_every_rate(workdir):
     for name in ("vol_write", "vol_read", "disk_write", "disk_read", "stdin"):
         assert result[name + "_s"] > 0 and result[name + "_mbps"] > 0, name
     assert not [n for n in os.listdir("/var/tmp") if n.startswith("vmiso-bench-io-")]  # its share is gone
+
+
+@pytest.fixture(scope="module")
+def busybox_image(workdir):
+    """A container image (vmiso.testing.oci's busybox) imported into the test work dir."""
+    from vmiso.image.oci import importer
+    from vmiso.testing import oci
+
+    name = "vmiso-test/busybox:1"
+    layout = oci.busybox_image(os.path.join(workdir, "cache", "testimages"))
+    importer.import_path(workdir, f"{layout}:1", names=[name])
+    return name
+
+
+def test_volume_and_stdin_in_a_container_image(busybox_image, cid, share):
+    """The image's root is the task's: the volume is mounted inside it, stdin reaches it."""
+    proc = vmiso_cli("run", "--name", cid, "-i", "-v", f"{share}:/data", busybox_image, "sh", "-c",
+                     "test ! -e /run/vmiso/seed/vmiso/task.sh && wc -c > /data/count", input=b"12345")
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(share, "count")) as f:
+        assert f.read().strip() == "5"
+
