@@ -66,7 +66,7 @@ def ext4_snapshot(image, scratch):
     scratch.mkdir(exist_ok=True)
     with oci.mounted(image.path, scratch) as mnt:
         snap = oci.snapshot(mnt)
-    del snap["/lost+found"]
+    assert "/lost+found" not in snap  # mke2fs's, removed: the root holds the image's files only
     return snap
 
 
@@ -272,39 +272,7 @@ def test_a_directory_that_is_no_image_and_a_missing_path(work, tmp_path):
 def test_same_tree_as_umoci_unpack(work, tmp_path):
     """An image built with umoci (its own repack with deletions, and layers added verbatim with
     an opaque directory, hard links across layers, setuid, a symlink chain, a device node)."""
-    image, bundle = tmp_path / "umoci", tmp_path / "bundle"
-    run(["umoci", "init", "--layout", image])
-    run(["umoci", "new", "--image", f"{image}:t"])
-    with open(oci.BUSYBOX, "rb") as f:
-        busybox = f.read()
-    crafted = [
-        [Entry("bin", D), Entry("bin/busybox", data=busybox, mode=0o755),
-         Entry("bin/sh", "symlink", target="busybox"), Entry("usr/bin/passwd", data=b"pw", mode=0o4755),
-         Entry("usr/bin/wall", data=b"w", mode=0o2755, gid=5), Entry("srv/data", D, uid=1000, gid=1000),
-         Entry("srv/data/a", data=b"a"), Entry("srv/data/b", data=b"b"), Entry("tmp", D, mode=0o1777),
-         Entry("dev/null", "char", dev=(1, 3), mode=0o666), Entry("etc", D), Entry("etc/doomed", data=b"d"),
-         Entry("etc/target", data=b"t" * 1000)],
-        [Entry("srv/data/.wh..wh..opq"), Entry("srv/data/c", data=b"c", uid=1000),
-         Entry("usr/lib/link-to-target", "hardlink", target="etc/target"),
-         Entry("s1", "symlink", target="s2"), Entry("s2", "symlink", target="s3"),
-         Entry("s3", "symlink", target="/usr/bin/passwd"), Entry("etc/.wh.doomed")],
-    ]
-    for number, entries in enumerate(crafted):
-        tar = tmp_path / f"layer{number}.tar"
-        tar.write_bytes(layer(entries))
-        run(["umoci", "raw", "add-layer", "--image", f"{image}:t", tar])
-    # a layer made by umoci itself: a deletion, a changed mode of a hard-linked file, a new hard link pair
-    run(["umoci", "unpack", "--image", f"{image}:t", bundle])
-    rootfs = bundle / "rootfs"
-    os.unlink(rootfs / "srv" / "data" / "c")
-    (rootfs / "srv" / "data" / "d").write_bytes(b"d")
-    os.chmod(rootfs / "etc" / "target", 0o600)  # both names of the hard link change
-    (rootfs / "opt").mkdir()
-    (rootfs / "opt" / "x").write_bytes(b"x")
-    os.link(rootfs / "opt" / "x", rootfs / "opt" / "y")
-    run(["umoci", "repack", "--image", f"{image}:t", bundle])
-    run(["rm", "-rf", bundle])
-    run(["umoci", "config", "--image", f"{image}:t", "--config.cmd", "/bin/sh"])
+    image, bundle = oci.umoci_image(tmp_path / "umoci"), tmp_path / "bundle"
     run(["umoci", "unpack", "--image", f"{image}:t", bundle])
 
     stored = importer.import_path(work, f"{image}:t", names=["umoci:t"]).image

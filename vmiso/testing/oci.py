@@ -5,6 +5,7 @@
 - ``write_layout()``: an OCI image layout of such layers (gzip, zstd or none), written by hand
   so tests can also make it wrong (a bad digest, another architecture);
 - ``busybox_image()``: a small static image in several layers (busybox-static's binary);
+- ``umoci_image()``: an image made with umoci itself, every OCI semantic in it;
 - ``debian_python_image()``: a Debian root with python3, from Debian's packages unpacked with
   ``dpkg-deb -x`` (no maintainer scripts run; passwd and group from base-passwd), in two layers;
 - ``Registry``: Debian's docker-registry on 127.0.0.1 in a temp dir, with its access log, and
@@ -383,3 +384,48 @@ def mounted(image, scratch):
     finally:
         run(["umount", mountpoint], timeout=60)
         mountpoint.rmdir()
+
+
+def umoci_image(image):
+    """An OCI layout at ``image`` (tag ``t``) made with umoci: layers added verbatim with an opaque
+    directory, hard links across layers, setuid and setgid files, a symlink chain, a device node
+    and deletions, then one made by umoci's own repack (a deletion, a changed mode of a
+    hard-linked file, a new hard-link pair). Its path."""
+    image = Path(image)
+    scratch = Path(tempfile.mkdtemp(prefix="umoci-", dir=image.parent))
+    bundle = scratch / "bundle"
+    try:
+        run(["umoci", "init", "--layout", image])
+        run(["umoci", "new", "--image", f"{image}:t"])
+        with open(BUSYBOX, "rb") as f:
+            busybox = f.read()
+        crafted = [
+            [Entry("bin", "dir"), Entry("bin/busybox", data=busybox, mode=0o755),
+             Entry("bin/sh", "symlink", target="busybox"), Entry("usr/bin/passwd", data=b"pw", mode=0o4755),
+             Entry("usr/bin/wall", data=b"w", mode=0o2755, gid=5), Entry("srv/data", "dir", uid=1000, gid=1000),
+             Entry("srv/data/a", data=b"a"), Entry("srv/data/b", data=b"b"), Entry("tmp", "dir", mode=0o1777),
+             Entry("dev/null", "char", dev=(1, 3), mode=0o666), Entry("etc", "dir"), Entry("etc/doomed", data=b"d"),
+             Entry("etc/target", data=b"t" * 1000)],
+            [Entry("srv/data/.wh..wh..opq"), Entry("srv/data/c", data=b"c", uid=1000),
+             Entry("usr/lib/link-to-target", "hardlink", target="etc/target"),
+             Entry("s1", "symlink", target="s2"), Entry("s2", "symlink", target="s3"),
+             Entry("s3", "symlink", target="/usr/bin/passwd"), Entry("etc/.wh.doomed")],
+        ]
+        for number, entries in enumerate(crafted):
+            tar = scratch / f"layer{number}.tar"
+            tar.write_bytes(layer(entries))
+            run(["umoci", "raw", "add-layer", "--image", f"{image}:t", tar])
+        # a layer made by umoci itself: a deletion, a changed mode of a hard-linked file, a new hard link pair
+        run(["umoci", "unpack", "--image", f"{image}:t", bundle])
+        rootfs = bundle / "rootfs"
+        os.unlink(rootfs / "srv" / "data" / "c")
+        (rootfs / "srv" / "data" / "d").write_bytes(b"d")
+        os.chmod(rootfs / "etc" / "target", 0o600)  # both names of the hard link change
+        (rootfs / "opt").mkdir()
+        (rootfs / "opt" / "x").write_bytes(b"x")
+        os.link(rootfs / "opt" / "x", rootfs / "opt" / "y")
+        run(["umoci", "repack", "--image", f"{image}:t", bundle])
+        run(["umoci", "config", "--image", f"{image}:t", "--config.cmd", "/bin/sh"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return image

@@ -1,0 +1,153 @@
+"""Container images as the task's root, on the real libvirtd and micro's lean kernel: the image's
+config honoured as ``docker run`` does (Cmd, Entrypoint, Env, WorkingDir, User), exit codes and
+streams as for micro, the runtime's additions and nothing of vmiso's in the task's view, and
+the image's tree inside the VM exactly as ``umoci unpack`` makes it on the host."""
+import os
+import stat
+import subprocess
+
+import pytest
+
+from vmiso import TaskSpec
+from vmiso.image import store
+from vmiso.image.oci import importer
+from vmiso.testing import oci
+
+from .conftest import vmiso_cli
+
+pytestmark = [pytest.mark.system, pytest.mark.oci]
+
+IMAGE_CACHE = os.path.join(os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso"), "cache", "testimages")
+BUSYBOX = "vmiso-test/busybox:1"
+
+
+@pytest.fixture(scope="module")
+def busybox(workdir):
+    """The three-layer busybox image (Cmd sh, Env PATH=/bin IMAGE=busybox, WorkingDir /home/app,
+    users root and app:1000), imported into the test work dir."""
+    layout = oci.busybox_image(IMAGE_CACHE)
+    importer.import_path(workdir, f"{layout}:1", names=[BUSYBOX])
+    return BUSYBOX
+
+
+def run(*args, **kw):
+    return vmiso_cli("run", *args, **kw)
+
+
+def test_default_command_exit_code_and_streams(busybox, cid):
+    proc = run("--name", cid, busybox, "sh", "-c", "echo out; echo err >&2; exit 42")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (42, b"out\n", b"err\n")
+    # The image's Cmd is sh: it reads the script from stdin.
+    proc = run("--name", cid, "--image", busybox, "-i", input=b"echo from-the-image-cmd; exit 3\n")
+    assert (proc.returncode, proc.stdout) == (3, b"from-the-image-cmd\n"), proc.stderr
+
+
+def test_env_workdir_and_their_overrides(busybox, cid):
+    proc = run("--name", cid, busybox, "sh", "-c", 'echo "$IMAGE $PATH $HOME"; pwd')
+    assert proc.stdout == b"busybox /bin /root\n/home/app\n", proc.stderr
+    proc = run("--name", cid, "-e", "IMAGE=mine", "-w", "/tmp/new", busybox, "sh", "-c", 'echo "$IMAGE"; pwd')
+    assert proc.stdout == b"mine\n/tmp/new\n", proc.stderr
+
+
+@pytest.mark.parametrize("user, expected", [
+    (None, b"uid=0(root) gid=0(root)"),
+    ("app", b"uid=1000(app) gid=1000(app)"),
+    ("1000", b"uid=1000(app) gid=1000(app)"),
+    ("1000:0", b"uid=1000(app) gid=0(root)"),
+    ("4242", b"uid=4242 gid=0(root)"),
+])
+def test_user_by_name_and_by_uid(busybox, cid, user, expected):
+    # -w /: the image's WorkingDir (/home/app, 0750 app's) is not for every user, as with docker
+    proc = run("--name", cid, "-w", "/", *(["-u", user] if user else []), busybox, "id")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(expected), proc.stdout
+
+
+def test_unknown_user_and_missing_command_are_refused_before_a_vm(busybox, cid):
+    proc = run("--name", cid, "-u", "nobody", busybox, "id")
+    assert proc.returncode == 125 and b"nobody" in proc.stderr
+    proc = run("--name", cid, busybox, "no-such-command")
+    assert proc.returncode == 127 and b"no-such-command: executable file not found" in proc.stderr
+
+
+def test_entrypoint_replaces_the_images(busybox, cid):
+    proc = run("--name", cid, "--entrypoint", "/bin/echo", busybox, "a", "b")
+    assert proc.stdout == b"a b\n", proc.stderr
+
+
+def test_the_task_sees_the_image_and_a_runtimes_additions_only(busybox, cid):
+    script = ("ls -1 / | busybox tr '\\n' ' '; echo; cat /etc/hostname; busybox grep -c localhost /etc/hosts; "
+              "ls -1d /proc/self /dev/null /tmp; "
+              "busybox cut -d' ' -f2 /proc/mounts | busybox sort | busybox tr '\\n' ' '")
+    proc = run("--name", cid, busybox, "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().split("\n")
+    assert set(lines[0].split()) == {"bin", "etc", "home", "tmp", "proc", "sys", "dev"}
+    assert lines[1] == cid and lines[2] == "2"
+    assert sorted(lines[3:6]) == ["/dev/null", "/proc/self", "/tmp"]
+    assert "vmiso" not in proc.stdout.decode() and "/run" not in lines[6]
+
+
+def test_kill_timeout_and_usage_as_for_micro(busybox, iso, cid):
+    iso.launch(cid, TaskSpec(["sh", "-c", "trap 'exit 9' TERM; echo up; while :; do sleep 1; done"], image=busybox))
+    seen = b""
+    for _stream, data in iso.output(cid):
+        seen += data  # chunks may split "up"
+        if b"up\n" in seen:
+            break
+    assert iso.usage(cid).mem_limit_bytes > 0
+    assert (iso.kill(cid, grace=20).state, iso.wait(cid).exit_code) == ("KILLED", 9)
+    iso.destroy(cid)
+    proc = run("--name", cid, "--timeout", "1", busybox, "sleep", "30")
+    assert proc.returncode == 124
+
+
+# Run with the image's busybox (its own applets only): one line per entry, tab-separated.
+LIST_IN_GUEST = r"""
+cd / || exit 1
+busybox find . -xdev \( -path ./proc -o -path ./sys -o -path ./dev -o -path ./tmp \) -prune \
+  -o -print | while IFS= read -r p; do
+  [ "$p" = . ] && continue
+  t=$(busybox stat -c '%F' "$p"); m=$(busybox stat -c '%a %u %g' "$p")
+  case $t in
+    directory) x=- ;;
+    "symbolic link") x=$(busybox readlink "$p") ;;
+    "regular file"|"regular empty file") x=$(busybox sha256sum "$p" | busybox cut -d' ' -f1) ;;
+    *) x=- ;;
+  esac
+  printf '%s\t%s\t%s\t%s\n' "${p#.}" "$t" "$m" "$x"
+done
+"""
+
+
+def test_the_tree_inside_the_vm_is_what_umoci_unpacks(workdir, cid, tmp_path):
+    """A multi-layer image with deletions, an opaque directory, hard links across layers, a
+    setuid file, a device node and a symlink chain: inside the VM, every path, type, mode,
+    owner, link target and content is what ``umoci unpack`` makes of it on the host."""
+    layout = oci.umoci_image(tmp_path / "umoci")
+    name = "vmiso-test/umoci:t"
+    importer.import_path(workdir, f"{layout}:t", names=[name])
+    bundle = tmp_path / "bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:t", str(bundle)], check=True, capture_output=True)
+    kinds = {stat.S_IFDIR: "directory", stat.S_IFREG: "regular file", stat.S_IFLNK: "symbolic link",
+             stat.S_IFCHR: "character special file", stat.S_IFBLK: "block special file", stat.S_IFIFO: "fifo"}
+    expected = {}
+    for path, (kind, mode, uid, gid, detail, _xattrs, _group) in oci.snapshot(bundle / "rootfs").items():
+        if path != "/":
+            expected[path] = (kinds[kind], mode, uid, gid, detail if kind in (stat.S_IFREG, stat.S_IFLNK) else None)
+    try:
+        proc = run("--name", cid, "--entrypoint", "/bin/busybox", name, "sh", "-c", LIST_IN_GUEST, timeout=300)
+    finally:
+        store.rm(workdir, name)
+    assert proc.returncode == 0, proc.stderr
+    seen = {}
+    for line in proc.stdout.decode().splitlines():
+        path, kind, ids, detail = line.split("\t")
+        mode, uid, gid = ids.split()
+        kind = "regular file" if kind == "regular empty file" else kind
+        seen[path] = (kind, int(mode, 8), int(uid), int(gid), None if detail == "-" else detail)
+    for replaced in ("/dev", "/tmp", "/etc/hostname", "/etc/hosts", "/proc", "/sys"):  # the runtime's own
+        expected = {p: v for p, v in expected.items() if p != replaced and not p.startswith(replaced + "/")}
+        seen = {p: v for p, v in seen.items() if p != replaced and not p.startswith(replaced + "/")}
+    differ = {p: (seen.get(p), v) for p, v in expected.items() if seen.get(p) != v}
+    assert not differ and set(seen) == set(expected), (differ, sorted(set(seen) - set(expected)))
