@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vmiso import AlreadyExists, Isolator, LaunchFailed, NotFound, TaskSpec
+from vmiso import AlreadyExists, Isolator, LaunchFailed, NoDiskSpace, NotFound, TaskSpec
 
 pytestmark = pytest.mark.system
 
@@ -107,13 +107,21 @@ def fill(directory, leave):
 
 
 @pytest.mark.parametrize("leave", [0, 8 * 1024, 64 * 1024])
-def test_disk_full_fails_cleanly(tiny_workdir, workdir, cid, leave):
+def test_disk_full_fails_cleanly(tiny_workdir, workdir, cid, leave, monkeypatch):
+    """Disk admission refuses such a launch up front (NoDiskSpace); with admission out of the
+    way (a host that filled up between the check and the writes), the overlay, seed or
+    checkpoint write fails with LaunchFailed. Either way nothing is left half-made."""
+    from vmiso import admission
     from vmiso.image import micro
 
     base = str(micro.find_micro(workdir).base)
     iso = Isolator(workdir=str(tiny_workdir / "w"), agent_id="vmiso-systest")
     iso.workdir.ensure()
     fill(tiny_workdir, leave)
+    with pytest.raises(NoDiskSpace):
+        iso.launch(cid, TaskSpec(["true"], image=base))
+    assert os.listdir(iso.workdir.containers) == []
+    monkeypatch.setattr(admission, "check", lambda *args: None)
     with pytest.raises(LaunchFailed) as info:
         iso.launch(cid, TaskSpec(["true"], image=base))
     assert "No space left on device" in str(info.value) or "ENOSPC" in str(info.value)
