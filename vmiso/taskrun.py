@@ -33,6 +33,9 @@ def _bytes(argv):
 
 def plan(spec, image):
     """The GuestTask for ``spec`` on ``image`` (a resolve.BootImage); InvalidSpec if it cannot run."""
+    if (spec.volumes or spec.sandbox) and image.kernel_flavour == "stock":
+        raise InvalidSpec("volumes", f"{image.name} boots Debian's cloud kernel, which has no 9p file system for "
+                                     "volumes; use micro (its lean kernel)")
     container = image.container
     if container is None:
         if spec.command is None:

@@ -42,6 +42,7 @@ class BootImage:
     initrd: Optional[str] = None
     cmdline: Optional[str] = None
     system_disk: Optional[str] = None             # micro's root, read-only vdc (container images)
+    kernel_flavour: Optional[str] = None          # micro's kernel: "lean" or "stock" (None: the disk's own)
     container: Optional[ContainerImage] = None    # set: a container image (its config rules)
 
 
@@ -76,7 +77,8 @@ def _micro(workdir, root=None, flavour=None):
         raise NotFound("image", f"{name} (build it once with 'vmiso image build-micro{hint}')")
     name, base, base_format, size = root or (name, str(built.base), built.base_format, built.virtual_size)
     initrd = str(built.initrd) if built.initrd is not None else None
-    return BootImage(name, base, base_format, size, str(built.kernel), initrd, built.cmdline)
+    return BootImage(name, base, base_format, size, str(built.kernel), initrd, built.cmdline,
+                     kernel_flavour=built.kernel_flavour)
 
 
 def _stored(workdir, ref, declared_format, image, info):
@@ -107,7 +109,7 @@ def _container(workdir, ref, image, info):
                                _read(os.path.join(directory, "group"), ref, missing_ok=True))
     cmdline = f" {built.cmdline} ".replace(*_OCI_ROOT).replace(*_OCI_RW).strip()
     return BootImage(ref, image.path, info.format, info.virtual_size, str(built.kernel), None, cmdline,
-                     system_disk=str(built.base), container=container)
+                     system_disk=str(built.base), container=container, kernel_flavour=built.kernel_flavour)
 
 
 def _read(path, ref, missing_ok=False):
