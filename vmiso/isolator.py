@@ -53,19 +53,21 @@ class Isolator:
 
     def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso",
                  cpu_probe=None, disk_reserve=None, disk_overcommit=admission.DEFAULT_OVERCOMMIT,
-                 image_paths=True, volume_roots=None):
+                 image_paths=True, volume_roots=None, host=None):
         """``disk_reserve`` (bytes kept free on the work dir's file system) and
         ``disk_overcommit`` (how far thin disks may promise more than is free) are the disk
         admission policy (vmiso/admission.py); a launch that does not fit raises NoDiskSpace.
         ``image_paths=False`` makes TaskSpec.image accept only micro and stored images (names
         or ids), never a path on the host: for an agent whose specs come from tenants.
         ``volume_roots``: directories under which TaskSpec.volumes and sandboxes must lie
-        (None: anywhere QEMU's user can reach; ``()``: no volumes at all)."""
+        (None: anywhere QEMU's user can reach; ``()``: no volumes at all). ``host``: the
+        libvirt side (default: a virt.host.Host on ``uri``); tests pass a FakeHost."""
         self.image_paths = image_paths
         self.volume_roots = None if volume_roots is None else tuple(str(r) for r in volume_roots)
         self.disk_policy = admission.Policy(reserve=disk_reserve, overcommit=disk_overcommit)
         self.workdir = Workdir(workdir)
-        self.host = Host(uri)
+        # The seam: anything with Host's interface (vmiso.testing.fakehost.FakeHost in unit tests).
+        self.host = Host(uri) if host is None else host
         self.accel = accel_mod.choose(accel)
         self._cpu_probe_wanted = cpuprobe.setting(cpu_probe)  # "quick" or "full" (virt/cpuprobe.py)
         self._cpu_probe = None

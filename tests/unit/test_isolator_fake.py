@@ -1,0 +1,215 @@
+"""The Isolator's own logic on a FakeHost (vmiso.testing.fakehost): launch and its rollback, every
+way a task ends (decide_termination's branches through the real conclusion path), kill,
+ownership, and recovery after a restart. No libvirtd, no VM; the real-VM tests in
+tests/system prove the same against libvirt."""
+import os
+import subprocess
+
+import libvirt
+import pytest
+
+from vmiso import Isolator, LaunchFailed, NotOwned, TaskSpec, Timeout, VirtError, isolator, state
+from vmiso.testing.fakehost import FakeHost
+
+AGENT = "agent-fake"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def quick_exit_line_grace(monkeypatch):
+    """A VM that powers off without an exit line is given EXIT_LINE_GRACE for virtlogd's last
+    bytes; the fake has no virtlogd lagging behind."""
+    monkeypatch.setattr(isolator, "EXIT_LINE_GRACE", 0.05)
+
+
+@pytest.fixture
+def host():
+    return FakeHost()
+
+
+@pytest.fixture
+def iso(tmp_path, host):
+    return Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+
+
+def spec(base, **kw):
+    return TaskSpec(["true"], image=base, **kw)
+
+
+def files(iso, cid):
+    return sorted(os.listdir(iso.workdir.container_dir(cid)))
+
+
+def checkpoint(iso, cid):
+    return state.read(str(iso.workdir.container_dir(cid)))
+
+
+def test_launch_runs_and_a_guest_exit_is_concluded(iso, host, base):
+    status = iso.launch("c1", spec(base))
+    assert (status.state, status.domain, status.owner) == ("RUNNING", "vmiso-c1", AGENT)
+    dom = host.domains["vmiso-c1"]
+    assert f"<ns0:agent>{AGENT}</ns0:agent>" in dom.metadata or AGENT in dom.metadata
+    assert host.hard_limits["vmiso-c1"] > 0
+    assert checkpoint(iso, "c1").phase == state.RUNNING
+    host.guest_exits("vmiso-c1", 3)
+    t = iso.wait("c1", timeout=10)
+    assert (t.state, t.reason, t.exit_code) == ("FAILED", "guest-exited", 3)
+    assert "overlay.qcow2" not in files(iso, "c1") and "seed.iso" not in files(iso, "c1")  # freed at once
+    assert checkpoint(iso, "c1").termination["exit_code"] == 3
+    assert iso.destroy("c1") == t and not os.path.exists(iso.workdir.container_dir("c1"))
+
+
+@pytest.mark.parametrize("detail, expected", [
+    ("shutdown", ("FAILED", "no-exit-status")),          # powered off without reporting
+    ("crashed", ("FAILED", "vm-crashed")),
+    ("failed", ("FAILED", "vm-crashed")),                # QEMU died
+    ("destroyed", ("FAILED", "vm-crashed")),             # destroyed outside vmiso
+])
+def test_each_way_a_vm_can_stop_without_an_exit_code(iso, host, base, detail, expected):
+    iso.launch("c1", spec(base))
+    host.stop("vmiso-c1", detail)
+    t = iso.wait("c1", timeout=10)
+    assert (t.state, t.reason, t.exit_code) == (*expected, None) and t.message
+
+
+def test_a_stop_nobody_heard_is_found_by_wait_and_told_by_libvirts_log(iso, host, base):
+    iso.launch("c1", spec(base))
+    host.stop_reasons["vmiso-c1"] = "crashed"
+    host.stop("vmiso-c1", "crashed", notify=False)
+    # Events are hints: wait() asks libvirt again whenever it wakes without one.
+    t = iso.wait("c1", timeout=0.05)
+    assert (t.state, t.reason) == ("FAILED", "vm-crashed")
+
+
+def test_wait_times_out_while_the_vm_runs(iso, base):
+    iso.launch("c1", spec(base))
+    with pytest.raises(Timeout):
+        iso.wait("c1", timeout=0.05)
+
+
+def test_lost_when_nothing_tells_how_it_ended(tmp_path, host, base):
+    """The VM vanished while no agent ran, and libvirt's log says nothing either: LOST."""
+    first = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    first.launch("c1", spec(base))
+    host.close()  # the agent went away
+    host.stop("vmiso-c1", None, notify=False)
+    again = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    report = again.recover()
+    t = report.terminated["c1"]
+    assert (t.state, t.reason, t.exit_code) == ("LOST", "vm-crashed", None)
+
+
+def test_kill_without_a_task_channel_presses_the_power_button(iso, host, base):
+    iso.launch("c1", spec(base))
+    t = iso.kill("c1", grace=2)
+    assert (t.state, t.reason) == ("KILLED", "destroyed")
+    assert ("shutdown", "vmiso-c1") in host.calls and ("destroy", "vmiso-c1") not in host.calls
+
+
+def test_kill_with_no_grace_destroys(iso, host, base):
+    iso.launch("c1", spec(base))
+    assert iso.kill("c1", grace=0).state == "KILLED"
+    assert ("destroy", "vmiso-c1") in host.calls and ("shutdown", "vmiso-c1") not in host.calls
+    assert files(iso, "c1") == ["checkpoint.json"]  # the record stays for wait/status
+
+
+def test_timeout_stops_the_task(iso, host, base):
+    iso.launch("c1", spec(base, timeout=0.05))
+    t = iso.wait("c1", timeout=10)  # TIMEOUT_GRACE is not waited: the fake powers off at once
+    assert (t.state, t.reason) == ("FAILED", "timeout")
+
+
+@pytest.mark.parametrize("point", ["launch:dir", "launch:checkpoint", "launch:overlay", "launch:seed",
+                                   "launch:create", "launch:running"])
+def test_a_failed_launch_leaves_nothing(iso, host, base, point, monkeypatch):
+    monkeypatch.setenv("VMISO_FAULT", point + ":raise")
+    with pytest.raises(LaunchFailed):
+        iso.launch("c1", spec(base))
+    assert iso.workdir.container_ids() == [] and host.domains == {}
+    created = ("create", "vmiso-c1") in host.calls
+    assert (("destroy", "vmiso-c1") in host.calls) == created  # the domain it made, and only then
+    monkeypatch.delenv("VMISO_FAULT")
+    assert iso.launch("c1", spec(base)).state == "RUNNING"  # the id is free again
+
+
+def test_libvirt_errors_roll_back(iso, host, base):
+    host.fail_next["create"] = libvirt.VIR_ERR_INTERNAL_ERROR
+    with pytest.raises(LaunchFailed) as info:
+        iso.launch("c1", spec(base))
+    assert isinstance(info.value.__cause__, VirtError) and info.value.__cause__.code == libvirt.VIR_ERR_INTERNAL_ERROR
+    host.fail_next["set_memory_hard_limit"] = libvirt.VIR_ERR_OPERATION_INVALID
+    with pytest.raises(LaunchFailed):
+        iso.launch("c1", spec(base))
+    assert host.domains == {} and iso.workdir.container_ids() == []
+
+
+def test_a_foreign_domain_under_our_name_is_never_touched(iso, host, base):
+    foreign = host.add_foreign("vmiso-c1")
+    with pytest.raises(LaunchFailed, match="already exists"):
+        iso.launch("c1", spec(base))
+    assert host.domains["vmiso-c1"] is foreign and ("destroy", "vmiso-c1") not in host.calls
+
+
+def test_recover_adopts_concludes_and_cleans(tmp_path, host, base):
+    first = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    for cid in ("run", "ended", "destroying"):
+        first.launch(cid, spec(base))
+    host.close()  # the agent dies; its VMs live on
+    host.guest_exits("vmiso-ended", 0)
+    cp = checkpoint(first, "destroying")
+    cp.phase, cp.kill_reason, cp.remove_requested = state.DESTROYING, "destroyed", True
+    state.write(str(first.workdir.container_dir("destroying")), cp)  # destroy() was interrupted
+    orphan_meta = host.domains["vmiso-run"].metadata.replace(">run<", ">orphan<")
+    host.add_foreign("vmiso-orphan", orphan_meta)        # ours by metadata, no record
+    host.add_foreign("vmiso-stranger", None)             # nobody's: never touched
+    os.makedirs(first.workdir.container_dir("corrupt"))
+    with open(os.path.join(first.workdir.container_dir("corrupt"), "checkpoint.json"), "w") as f:
+        f.write("{not json")
+
+    again = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    report = again.recover()
+    assert report.running == ["run"]
+    assert report.terminated["ended"].exit_code == 0
+    assert report.destroyed == ["destroying"] and not os.path.exists(again.workdir.container_dir("destroying"))
+    assert report.orphans == ["orphan"] and "vmiso-orphan" not in host.domains
+    assert report.corrupt == ["corrupt"] and "vmiso-stranger" in host.domains
+    host.guest_exits("vmiso-run", 5)  # supervised again: its end is heard
+    assert again.wait("run", timeout=10).exit_code == 5
+    assert again.recover().running == []  # a second recover changes nothing more
+
+
+def test_an_interrupted_launch_is_failed_and_cleaned(tmp_path, host, base):
+    first = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    first.launch("c1", spec(base))
+    cp = checkpoint(first, "c1")
+    cp.phase = state.LAUNCHING
+    state.write(str(first.workdir.container_dir("c1")), cp)  # as if the process died mid-launch
+    host.close()
+    again = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    t = again.recover().terminated["c1"]
+    assert (t.state, t.reason) == ("FAILED", "launch-failed") and "vmiso-c1" not in host.domains
+
+
+def test_another_agents_container_is_read_only(tmp_path, host, base):
+    owner = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id="owner", host=host)
+    other = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id="other", host=FakeHost())
+    owner.launch("c1", spec(base))
+    before = {n: os.stat(os.path.join(owner.workdir.container_dir("c1"), n)).st_mtime_ns for n in files(owner, "c1")}
+    report = other.recover()
+    assert report.foreign == {"c1": "owner"} and report.ids == []
+    for call in (other.kill, other.destroy):
+        with pytest.raises(NotOwned):
+            call("c1")
+    assert other.status("c1").state == "RUNNING" and other.status("c1").owner == "owner"
+    after = {n: os.stat(os.path.join(owner.workdir.container_dir("c1"), n)).st_mtime_ns for n in files(owner, "c1")}
+    assert after == before and "vmiso-c1" in host.domains
+    host.guest_exits("vmiso-c1", 4)
+    assert owner.wait("c1", timeout=10).exit_code == 4
+    assert other.wait("c1", timeout=10).exit_code == 4  # read from the owner's record
+    assert checkpoint(owner, "c1").agent_id == "owner"
