@@ -34,16 +34,9 @@ cdef extern from *:
     int ctz "__builtin_ctz" (unsigned int x) nogil
     void prefetch "__builtin_prefetch" (const void *p) nogil
 
-# The same slots, kinds and limits as stats_py.py (the differential tests hold them equal).
-(F_UTIME_TICKS, F_STIME_TICKS, F_THREADS, F_RSS_PAGES,
- F_CPU_USAGE_US, F_CPU_USER_US, F_CPU_SYSTEM_US, F_ACCT_USER_TICKS, F_ACCT_SYSTEM_TICKS,
- F_NR_PERIODS, F_NR_THROTTLED, F_THROTTLED_US, F_THROTTLED_NS, F_CFS_QUOTA_US, F_CFS_PERIOD_US,
- F_MEM_CURRENT, F_MEM_LIMIT, F_MEM_SWAP_CURRENT,
- F_MEM_RSS, F_MEM_CACHE, F_MEM_SWAP, F_MEM_ACTIVE_ANON, F_MEM_INACTIVE_ANON,
- F_MEM_ACTIVE_FILE, F_MEM_INACTIVE_FILE, F_MEM_ANON, F_MEM_FILE,
- F_NET_RX_PACKETS, F_NET_RX_BYTES, F_NET_RX_ERRORS, F_NET_RX_DROPPED,
- F_NET_TX_PACKETS, F_NET_TX_BYTES, F_NET_TX_ERRORS, F_NET_TX_DROPPED,
- F_DISK_USED, NFIELDS) = range(37)
+# The slots, kinds and limits: one definition (layout.py), shared with the twin.
+from vmiso._fast.layout import *
+
 cdef enum:
     C_K_INT = 0
     C_K_CPU_KV = 1
@@ -52,12 +45,8 @@ cdef enum:
     C_K_CPU_MAX = 4
     C_K_FSTAT = 5
     C_K_LIMIT = 8
-K_INT, K_CPU_KV, K_MEM_KV, K_PROC_STAT, K_CPU_MAX, K_FSTAT = range(6)
-K_LIMIT = 8
-KINDS = frozenset((K_INT, K_CPU_KV, K_MEM_KV, K_PROC_STAT, K_CPU_MAX, K_FSTAT, K_INT | K_LIMIT, K_CPU_MAX | K_LIMIT))
-UNLIMITED = (1 << 63) - 1
-MAX_FILES = 16
-BUF_SIZE = 16384
+assert (C_K_INT, C_K_CPU_KV, C_K_MEM_KV, C_K_PROC_STAT, C_K_CPU_MAX, C_K_FSTAT, C_K_LIMIT) == \
+    (K_INT, K_CPU_KV, K_MEM_KV, K_PROC_STAT, K_CPU_MAX, K_FSTAT, K_LIMIT)
 
 cdef enum:
     C_NFIELDS = 36
@@ -73,11 +62,11 @@ cdef enum:
     E_MALFORMED = 4
     E_CLOSED = 5
 
-assert NFIELDS == C_NFIELDS and F_DISK_USED == 35  # the C tables below use these numbers
+assert (NFIELDS, MAX_FILES, BUF_SIZE) == (C_NFIELDS, C_MAX_FILES, C_BUF)  # C arrays are sized when compiled
 cdef int64_t C_UNLIMITED = 0x7FFFFFFFFFFFFFFF
 
 
-# --- key tables: (name, length, slot); slots as in stats_py.CPU_KEYS / MEM_KEYS ---------------
+# --- key tables: (name, length, slot), built at import from layout.py -------------------------
 cdef struct Key:
     const char *name
     int length
@@ -86,40 +75,42 @@ cdef struct Key:
 cdef struct KeySet:
     Key keys[16]
     unsigned short first[256]  # bit k set: keys[k] starts with this byte
+    int n
 
-cdef Key CPU_KEYS[9]
-CPU_KEYS[:] = [Key(b"usage_usec", 10, 4), Key(b"user_usec", 9, 5), Key(b"system_usec", 11, 6),
-               Key(b"nr_periods", 10, 9), Key(b"nr_throttled", 12, 10),
-               Key(b"throttled_usec", 14, 11), Key(b"throttled_time", 14, 12),
-               Key(b"user", 4, 7), Key(b"system", 6, 8)]
-cdef Key MEM_KEYS[10]
-MEM_KEYS[:] = [Key(b"total_rss", 9, 18), Key(b"total_cache", 11, 19), Key(b"total_swap", 10, 20),
-               Key(b"total_active_anon", 17, 21), Key(b"total_inactive_anon", 19, 22),
-               Key(b"total_active_file", 17, 23), Key(b"total_inactive_file", 19, 24),
-               Key(b"hierarchical_memory_limit", 25, 16), Key(b"anon", 4, 25), Key(b"file", 4, 26)]
 cdef KeySet CPU_SET, MEM_SET
+cdef list _KEY_NAMES = []  # the bytes the tables point into, kept alive
 
 
-cdef int key_set(KeySet *s, const Key *keys, int n) except -1:
+cdef int key_set(KeySet *s, dict keys) except -1:
     cdef int k
-    assert n <= 16  # the bits of KeySet.first
+    cdef bytes name
+    assert len(keys) <= 16  # the bits of KeySet.first
     for k in range(256):
         s.first[k] = 0
-    for k in range(n):
-        s.keys[k] = keys[k]
-        s.first[<unsigned char>keys[k].name[0]] |= 1 << k
+    for k, (name, slot) in enumerate(keys.items()):
+        _KEY_NAMES.append(name)
+        s.keys[k].name = PyBytes_AS_STRING(name)
+        s.keys[k].length = PyBytes_GET_SIZE(name)
+        s.keys[k].slot = slot
+        s.first[<unsigned char>s.keys[k].name[0]] |= 1 << k
+    s.n = len(keys)
     return 0
 
 
-key_set(&CPU_SET, CPU_KEYS, 9)
-key_set(&MEM_SET, MEM_KEYS, 10)
+key_set(&CPU_SET, CPU_KEYS)
+key_set(&MEM_SET, MEM_KEYS)
 
-# /proc/<pid>/stat field (after the command) -> slot: utime, stime, threads, rss.
+# /proc/<pid>/stat field (after the command) -> slot; /proc/net/dev column -> slot (-1: unused).
 cdef int PROC_STAT_SLOT[22]
-PROC_STAT_SLOT[:] = [-1] * 11 + [0, 1, -1, -1, -1, -1, 2, -1, -1, -1, 3]
-# /proc/net/dev column -> slot (the tap's receive is the guest's transmit, and back).
 cdef int NET_COLUMN[16]
-NET_COLUMN[:] = [32, 31, 33, 34, -1, -1, -1, -1, 28, 27, 29, 30, -1, -1, -1, -1]
+cdef int SLOT_CFS_QUOTA = F_CFS_QUOTA_US
+cdef int SLOT_CFS_PERIOD = F_CFS_PERIOD_US
+PROC_STAT_SLOT[:] = [-1] * 22
+NET_COLUMN[:] = [-1] * 16
+for _field, _slot in PROC_STAT_FIELDS:
+    PROC_STAT_SLOT[_field] = _slot
+for _column, _slot in NET_COLUMNS:
+    NET_COLUMN[_column] = _slot
 
 
 # --- parsers (the twin's rules, byte for byte) ---------------------------------------------------
@@ -263,8 +254,8 @@ cdef int cpu_max(const char *buf, Py_ssize_t n, int64_t *rec) noexcept nogil:
     if parts != 2 or parse_int(buf + starts[0], ends[0] - starts[0], &quota) < 0 \
             or parse_int(buf + starts[1], ends[1] - starts[1], &period) < 0:
         return E_MALFORMED
-    rec[13] = -1 if quota == C_UNLIMITED else quota
-    rec[14] = period
+    rec[SLOT_CFS_QUOTA] = -1 if quota == C_UNLIMITED else quota
+    rec[SLOT_CFS_PERIOD] = period
     return OK
 
 
