@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 VMISO := $(VENV)/bin/vmiso
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup demo test test-unit test-system lint bench micro clean
+.PHONY: setup demo test test-unit test-system lint bench micro clean agent agent-stop
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,13 @@ demo: micro
 	$(VMISO) doctor
 	$(VMISO) run -- sh -c 'echo "hello from $$(uname -n), kernel $$(uname -r)"; echo "this line went to stderr" >&2; exit 3'; \
 	  echo "vmiso run exited with $$? (the task's own exit code)"
+
+# The agent (README "The agent"): systemctl where systemd runs, by hand (scripts/agent.sh) here.
+agent: micro
+	bash scripts/agent.sh start
+
+agent-stop:
+	bash scripts/agent.sh stop
 
 lint: setup
 	$(VENV)/bin/ruff check vmiso tests benchmarks

@@ -46,6 +46,11 @@ class NotOwned(VmisoError, PermissionError):
                          "it is read-only here")
 
 
+class Forbidden(VmisoError, PermissionError):
+    """The agent's policy refuses the caller this request (who may run VMs, their limits, the
+    images, bridges and volumes they may use: vmiso/agent/policy.py). One line saying why."""
+
+
 class NoDiskSpace(VmisoError, OSError):
     """A launch was refused: the work dir's file system cannot hold it (vmiso/admission.py).
     The attributes are the numbers, in bytes."""

@@ -19,7 +19,20 @@ from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostnam
 from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, NotOwned, Timeout, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
-from .paths import CONSOLE_LOG, CONTROL_SOCKET, DEFAULT_WORKDIR, OVERLAY, SEED, STDERR, STDIN_SOCKET, STDOUT, Workdir
+from .paths import (
+    CONSOLE_LOG,
+    CONTROL_SOCKET,
+    DEFAULT_WORKDIR,
+    INITRD,
+    KERNEL,
+    OVERLAY,
+    SEED,
+    STDERR,
+    STDIN_SOCKET,
+    STDOUT,
+    Workdir,
+    qemu_gid,
+)
 from .spec import (
     R_DESTROYED,
     R_IO_ERROR,
@@ -78,17 +91,22 @@ class Isolator:
         self._lock = threading.RLock()
 
     # --- launch -----------------------------------------------------------------------------
-    def launch(self, container_id, spec):
-        """Start ``spec`` in a new VM; return its ContainerStatus. LaunchFailed leaves nothing."""
+    def launch(self, container_id, spec, uid=None):
+        """Start ``spec`` in a new VM; return its ContainerStatus. LaunchFailed leaves nothing.
+        ``uid``: the local user the container belongs to (an agent's caller): its QEMU runs as
+        that uid with QEMU's group instead of as QEMU's user, its volumes must be that user's to
+        use, its image must be micro or a stored one (never a host path), and its status names
+        it. None (or 0): QEMU's own user, as for every container of the operator."""
         started = time.monotonic()
         validate_container_id(container_id)
         if not isinstance(spec, TaskSpec):
             raise InvalidSpec("spec", "must be a vmiso.TaskSpec")
+        uid = _local_uid(uid)
         # Host directories and the stdin source are checked before anything is made.
-        shares = volumes.prepare(spec.volumes, self.workdir.root, self.volume_roots)
+        shares = volumes.prepare(spec.volumes, self.workdir.root, self.volume_roots, uid=uid)
         stdin_channel.check_source(spec.stdin)
         self.workdir.ensure()
-        image = resolve(self.workdir, spec.image, spec.image_format, allow_paths=self.image_paths)
+        image = resolve(self.workdir, spec.image, spec.image_format, allow_paths=self.image_paths and uid is None)
         task = taskrun.plan(spec, image)  # argv, env, workdir, user: what the guest runs
         resolved = time.monotonic()
         size = spec.resources.disk_bytes
@@ -105,7 +123,7 @@ class Isolator:
             disk_bytes = size or image.virtual_size
             admission.check(self.workdir.containers, self._disks_in_use(), disk_bytes, self.disk_policy)
             try:
-                directory = str(self.workdir.make_container_dir(container_id))
+                directory = str(self.workdir.make_container_dir(container_id, qemu_uid=uid))
             except FileExistsError as err:
                 raise AlreadyExists("container", container_id) from err
             except OSError as err:  # ENOSPC, EACCES...: nothing was made
@@ -127,6 +145,8 @@ class Isolator:
                 checkpoint.extra["volumes"] = [s.record() for s in shares]
             if spec.stdin is not None:
                 checkpoint.extra["stdin"] = True
+            if uid is not None:
+                checkpoint.extra["uid"] = uid
             c = Container(container_id, directory, checkpoint)
             c.timeline.update({"launch:start": started, "launch:image": resolved})
             c.op.acquire()  # a kill or destroy racing this launch waits until it is done
@@ -145,6 +165,8 @@ class Isolator:
             qcow2.create_overlay_on_verified(c.path(OVERLAY), image.base, image.base_format,
                                              disk_bytes)
             self._step(c, "launch:overlay")
+            if uid is not None:
+                image = _own_kernel(c, image)
             network_config = None
             if spec.network is not None:
                 step = "network"  # address and MAC first: the seed carries them to the guest
@@ -169,7 +191,7 @@ class Isolator:
                 self._step(c, "launch:network")
             if spec.stdin is not None:
                 step = "stdin"  # listening before QEMU starts: it connects while it starts
-                listener = stdin_channel.listen(c.path(STDIN_SOCKET))
+                listener = stdin_channel.listen(c.path(STDIN_SOCKET), uid)
                 self._step(c, "launch:stdin")
             step = "xml"
             xml = self._domain_xml(c, spec, image)
@@ -233,6 +255,7 @@ class Isolator:
             metadata={"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id},
             boot=image if image.kernel else None, interfaces=nics, quick_cpu_probe=self.cpu_probe().quick,
             control_socket=c.path(CONTROL_SOCKET), **_data_devices(c), system_disk=image.system_disk,
+            dac_label=(extra["uid"], qemu_gid()) if "uid" in extra else None,
         )
         return config.to_xml()
 
@@ -318,7 +341,7 @@ class Isolator:
                 state.write(c.dir, c.checkpoint)
             except OSError as err:
                 log.warning("cannot checkpoint termination of %s: %s", c.id, err)
-            for name in (OVERLAY, SEED):
+            for name in (OVERLAY, SEED, KERNEL, INITRD):
                 try:
                     os.unlink(c.path(name))
                 except FileNotFoundError:
@@ -476,7 +499,8 @@ class Isolator:
             container_id=c.id, state=state_name, domain=cp.domain, accel=cp.accel,
             pid=Host.pid(cp.domain) if c.termination is None else None, started_at=cp.created_at,
             termination=c.termination, image=cp.image,
-            ip=cp.extra.get("ip"), mac=cp.extra.get("mac"), owner=c.owner,
+            ip=cp.extra.get("ip"), mac=cp.extra.get("mac"), owner=c.owner, uid=cp.extra.get("uid"),
+            cpus=cp.extra.get("limits", {}).get("cpus"), mem_mib=cp.extra.get("limits", {}).get("mem_mib"),
         )
 
     def containers(self):
@@ -575,6 +599,32 @@ class Isolator:
         if c.foreign:
             raise NotOwned(container_id, c.owner, self.agent_id)
         return c
+
+
+def _local_uid(uid):
+    """launch()'s ``uid``: None for the operator's (root's) containers, else a user's uid."""
+    if uid is None or uid == 0:
+        return None  # QEMU never runs as root
+    if isinstance(uid, bool) or not isinstance(uid, int) or not 0 < uid < 2**32 - 1:
+        raise InvalidSpec("uid", f"{uid!r} is not a user id")
+    if qemu_gid() is None:
+        raise InvalidSpec("uid", "this host has no QEMU user (libvirt-qemu or qemu) whose group a user's QEMU needs")
+    return uid
+
+
+def _own_kernel(c, image):
+    """``image`` booting private copies of its kernel and initrd in the container's directory.
+    libvirt chowns a domain's kernel to the uid its QEMU runs as while it runs, and refuses a
+    second uid on a file in use: a shared kernel would be one user's file while their VM runs
+    and no other user's VM could start."""
+    import dataclasses
+    import shutil
+
+    if image.kernel is None:
+        return image
+    kernel = shutil.copyfile(image.kernel, c.path(KERNEL))
+    initrd = shutil.copyfile(image.initrd, c.path(INITRD)) if image.initrd else None
+    return dataclasses.replace(image, kernel=kernel, initrd=initrd)
 
 
 def _data_files(shares, spec):

@@ -7,6 +7,8 @@
                            seed.iso, console.log, stdout, stderr, checkpoint.json, control.sock
                            (the task channel's host end: stop requests to the guest), stdin.sock
                            (vmiso listens there, QEMU connects: the task's stdin; only with one)
+                           vmlinux, initrd.img (a local user's container: its own copy of
+                           micro's kernel, see Isolator.launch(uid=))
 
 Paths come only from validated container ids; nothing here follows a symlink.
 """
@@ -34,6 +36,8 @@ STDERR = "stderr"
 CHECKPOINT = "checkpoint.json"
 CONTROL_SOCKET = "control.sock"
 STDIN_SOCKET = "stdin.sock"
+KERNEL = "vmlinux"          # a local user's container: its own copy of the kernel (and initrd)
+INITRD = "initrd.img"
 
 
 def qemu_gid():
@@ -63,19 +67,42 @@ _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x
 _ACL_UNDEFINED_ID = 0xFFFFFFFF
 
 
-def _traverse_acl(uid):
-    """Owner rwx, ``uid`` may only pass (x), group and others nothing."""
-    entries = [(_ACL_USER_OBJ, 7, _ACL_UNDEFINED_ID), (_ACL_USER, 1, uid), (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
-               (_ACL_MASK, 1, _ACL_UNDEFINED_ID), (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
+def _traverse_acl(*uids):
+    """Owner rwx, each of ``uids`` may only pass (x), group and others nothing."""
+    entries = [(_ACL_USER_OBJ, 7, _ACL_UNDEFINED_ID)] + [(_ACL_USER, 1, u) for u in sorted(set(uids))] + \
+        [(_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID), (_ACL_MASK, 1, _ACL_UNDEFINED_ID), (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
     return struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
-def restrict_to_qemu(path):
-    """Make directory ``path`` passable by root and QEMU's user only (not by its group's other
-    members). Where the file system has no ACLs, falls back to 0710 with QEMU's group."""
-    uid, gid = qemu_uid(), qemu_gid()
-    if uid is None or gid is None:
-        os.chmod(path, 0o700)
+def _acl_users(path):
+    """The uids with a user entry in ``path``'s access ACL (none without an ACL)."""
+    try:
+        raw = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return set()
+        raise
+    return {i for tag, _perm, i in struct.iter_unpack("<HHI", raw[4:]) if tag == _ACL_USER}
+
+
+def admit(path, uid):
+    """Let ``uid`` pass directory ``path`` (x) besides the users its ACL admits already: for
+    ``containers/``, which a local user's QEMU (running as that user) must pass to reach its own
+    container's directory. Idempotent; a no-op where the file system has no ACLs (the fallback
+    mode lets QEMU's group pass, and every QEMU runs with that group)."""
+    users = _acl_users(path)
+    if uid in users or not users:
+        return
+    os.setxattr(path, "system.posix_acl_access", _traverse_acl(*users, uid), follow_symlinks=False)
+
+
+def restrict_to_qemu(path, uid=None):
+    """Make directory ``path`` passable by root and QEMU's user only (``uid``: that user instead,
+    for a container whose QEMU runs as a local user), not by its group's other members. Where
+    the file system has no ACLs, falls back to 0710 with QEMU's group."""
+    uid, gid = (qemu_uid() if uid is None else uid), qemu_gid()
+    if uid is None or gid is None or os.geteuid() != 0:
+        os.chmod(path, 0o700)  # QEMU runs as we do (no QEMU user, or a session of our own)
         return
     st = os.lstat(path)
     if st.st_gid != 0:
@@ -102,8 +129,8 @@ def _ensure_dir(path, gid, private=False):
     if private:
         restrict_to_qemu(path)
         return
-    if gid is None:
-        # No separate QEMU user: QEMU runs as root or as us; keep it owner-only.
+    if gid is None or os.geteuid() != 0:
+        # No separate QEMU user, or not root: QEMU runs as we do; keep it owner-only.
         os.chmod(path, 0o700)
         return
     if st.st_gid != gid:
@@ -134,11 +161,14 @@ class Workdir:
     def container_dir(self, container_id):
         return self.containers / validate_container_id(container_id)
 
-    def make_container_dir(self, container_id):
-        """Create the container's directory; FileExistsError if it is there already."""
+    def make_container_dir(self, container_id, qemu_uid=None):
+        """Create the container's directory; FileExistsError if it is there already.
+        ``qemu_uid``: the uid its QEMU runs as when not QEMU's own user (a local user's)."""
         path = self.container_dir(container_id)
+        if qemu_uid is not None:
+            admit(self.containers, qemu_uid)
         os.mkdir(path, 0o700)
-        restrict_to_qemu(path)
+        restrict_to_qemu(path, qemu_uid)
         return path
 
     def remove_container_dir(self, container_id):

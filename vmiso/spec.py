@@ -349,6 +349,9 @@ class ContainerStatus:
     ip: Optional[str] = None    # the guest's address (A.B.C.D/NN) when it has a network
     mac: Optional[str] = None
     owner: str = ""             # the agent id that launched it (only that agent may change it)
+    uid: Optional[int] = None   # the local user it belongs to (launch(uid=)); None: the operator's
+    cpus: Optional[float] = None  # its allocation (launch, then update())
+    mem_mib: Optional[int] = None
 
     def to_dict(self):
         data = asdict(self)

@@ -102,9 +102,8 @@ def logs(args):
     streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     filters = {name: terminal.filter_for(stream, args.raw) for name, stream in streams.items()}
     if not args.task:
-        with open(iso.console_log(args.id), "rb") as f:
-            while chunk := f.read(65536):
-                streams["stdout"].write(filters["stdout"].feed(chunk))
+        for chunk in _console(iso, args.id):
+            streams["stdout"].write(filters["stdout"].feed(chunk))
     else:
         for name, data in iso.output(args.id, follow=args.follow):
             streams[name].write(filters[name].feed(data))
@@ -113,3 +112,13 @@ def logs(args):
         stream.write(filters[name].close())
         stream.flush()
     return 0
+
+
+def _console(iso, container_id):
+    """The console log's bytes in chunks: from the agent (RemoteIsolator.console), or the file."""
+    if getattr(iso, "remote", False):
+        yield from iso.console(container_id)
+        return
+    with open(iso.console_log(container_id), "rb") as f:
+        while chunk := f.read(65536):
+            yield chunk

@@ -21,6 +21,7 @@ def checks(args):
     yield _accelerator(args)
     yield from _libvirt(args)
     yield _micro(args)
+    yield _agent(args)
 
 
 def _tools():
@@ -83,6 +84,24 @@ def _micro(args):
     if image is None:
         return ("image micro", WARN, "not built: vmiso image build-micro (or 'make micro')")
     return ("image micro", OK, f"{image.key[:12]}, {image.kernel_flavour} kernel {image.kernel_version}")
+
+
+def _agent(args):
+    """Whether a vmiso agent serves the work dir (then every vmiso command goes through it)."""
+    from ..agent.client import route_read_only
+    from ..errors import VmisoError
+
+    try:
+        remote = route_read_only(args.workdir, args.agent_socket)
+    except VmisoError as err:
+        return ("agent", WARN if os.geteuid() == 0 else FAIL, str(err))
+    if remote is None:
+        return ("agent", OK, "none serves this work dir: commands work in-process (root only)")
+    info = remote.info()
+    detail = f"pid {info['pid']} serves {info['workdir']} on {remote.socket_path}"
+    if not info["may_run"]:
+        return ("agent", WARN, f"{detail}; {info['why_not']}")
+    return ("agent", OK, detail)
 
 
 def _ver(n):

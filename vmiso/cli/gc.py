@@ -40,7 +40,7 @@ def gc(args):
         raise InvalidSpec("job", f"{args.job!r} is not a Slurm job id")
     if args.job is not None and not _job_has_containers(args):
         return 0  # the Epilog runs after every job: most never used vmiso; no libvirt needed then
-    iso = isolator(args)
+    iso = isolator(args, in_process=True)
     report = iso.recover()
     records = slurm.read_records(iso.workdir.root)
     if args.job is not None:

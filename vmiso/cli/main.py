@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
-from ..errors import NotOwned, VmisoError
-from . import bench, containers, doctor, gc, image, net, run, slurm, stats
+from ..errors import HostError, NotOwned, VmisoError
+from . import agent, bench, containers, doctor, gc, image, net, run, slurm, stats
 
 EXIT_VMISO_ERROR = 125
 
@@ -51,10 +51,14 @@ def build_parser():
     parser.add_argument("--disk-overcommit", type=float, default=float(os.environ.get("VMISO_DISK_OVERCOMMIT", 4)),
                         metavar="RATIO", help="thin disks of running VMs may promise up to RATIO times the usable "
                                               "space (default: $VMISO_DISK_OVERCOMMIT or 4)")
+    parser.add_argument("--agent-socket", default=None, metavar="PATH",
+                        help="the vmiso agent's socket, when it is not the work dir's (default: "
+                             "$VMISO_AGENT_SOCKET, else the one the work dir's agent recorded, else "
+                             "/run/vmiso/agent.sock); commands go through an agent whenever one serves the work dir")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what vmiso does")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (run, containers, gc, image, doctor, bench, net, stats, slurm):
+    for module in (run, containers, gc, image, doctor, bench, net, stats, slurm, agent):
         module.register(sub)
     return parser
 
@@ -96,8 +100,18 @@ def _size_arg(text):
 _OPENED = []  # the Isolators this command made
 
 
-def isolator(args):
-    """The Isolator the CLI's arguments describe (imported late: --help needs no libvirt)."""
+def isolator(args, in_process=False):
+    """The Isolator the CLI's arguments describe (imported late: --help needs no libvirt): the
+    agent's client when an agent serves the work dir (always for an ordinary user), else this
+    process's own. ``in_process``: a command the agent does not serve (HostError if one runs)."""
+    from ..agent.client import route
+
+    remote = route(args.workdir, args.agent_socket)
+    if remote is not None:
+        if in_process:
+            raise HostError(f"the vmiso agent at {remote.socket_path} serves {args.workdir}: 'vmiso {args.command}' "
+                            "works only in-process, while no agent serves the work dir")
+        return remote
     from ..isolator import Isolator
 
     iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel, agent_id=args.agent_id,
@@ -111,6 +125,9 @@ def _close_isolators():
     libvirtd log an "End of file while reading data" error for every command."""
     while _OPENED:
         _OPENED.pop().host.close()
+    from ..agent.client import release_work_dir
+
+    release_work_dir()
 
 
 if __name__ == "__main__":

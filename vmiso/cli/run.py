@@ -134,11 +134,15 @@ def run(args):
         raise InvalidSpec("stdin", "-i streams this process's stdin to the task: it cannot be used with -d")
     spec = spec_from_args(args)
     iso = isolator(args)
-    container_id = args.name or slurm.container_id(
-        os.environ, lambda name: os.path.lexists(iso.workdir.container_dir(name))) or "run-" + secrets.token_hex(4)
-    # Before the launch: a vmiso killed by SIGKILL at any later point leaves a record that
-    # `vmiso gc` (the Slurm epilog) finds. -d runs are nobody's once this process returns.
-    record = slurm.hold_record(iso.workdir.root, container_id, os.environ)
+    if getattr(iso, "remote", False):  # the agent's client: it has no work dir to look into
+        taken, record = _taken_remote(iso), None
+    else:
+        taken = lambda name: os.path.lexists(iso.workdir.container_dir(name))  # noqa: E731
+    container_id = args.name or slurm.container_id(os.environ, taken) or "run-" + secrets.token_hex(4)
+    if not getattr(iso, "remote", False):
+        # Before the launch: a vmiso killed by SIGKILL at any later point leaves a record that
+        # `vmiso gc` (the Slurm epilog) finds. -d runs are nobody's once this process returns.
+        record = slurm.hold_record(iso.workdir.root, container_id, os.environ)
     try:
         status = iso.launch(container_id, spec)
         if args.detach:
@@ -148,6 +152,19 @@ def run(args):
     finally:
         if record is not None:
             record.release()
+
+
+def _taken_remote(iso):
+    """Whether a container id is taken, asked of the agent (only the caller's own are seen)."""
+    from ..errors import NotFound
+
+    def taken(name):
+        try:
+            iso.status(name)
+            return True
+        except NotFound:
+            return False
+    return taken
 
 
 def _attach(iso, container_id, raw=False):

@@ -97,9 +97,15 @@ def _size(n):
 
 
 def stats(args):
-    from ..accounting.observe import Observer
+    from ..agent.client import RemoteObserver, route_read_only
 
-    observer = Observer(args.workdir)
+    remote = route_read_only(args.workdir, args.agent_socket)  # an ordinary user's always goes there
+    if remote is not None:
+        observer = RemoteObserver(remote)
+    else:
+        from ..accounting.observe import Observer
+
+        observer = Observer(args.workdir)
     try:
         return _stats(observer, args)
     finally:

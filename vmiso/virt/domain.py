@@ -89,6 +89,11 @@ class DomainConfig:
     # The task's stdin: a virtio-serial port (STDIN_PORT_NAME) whose host end connects to a unix
     # socket vmiso listens on (virt/stdin.py); None: no such port.
     stdin_socket: Optional[str] = None
+    # (uid, gid) QEMU runs as instead of libvirt's configured user (a local user's container).
+    # libvirt then chowns the container's files to it while the VM runs (its own private files
+    # too: relabel='no' leaves QEMU unable to read libvirt's master key), so nothing shared may
+    # be named but the bases, which keep relabel='no' (a kernel is the container's own copy).
+    dac_label: Optional[tuple] = None
 
     def to_xml(self):
         return ET.tostring(self.to_element(), encoding="unicode")
@@ -119,6 +124,9 @@ class DomainConfig:
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             _text(root, event, "destroy")  # a task VM never reboots: any of these ends it
         root.append(self._devices_element())
+        if self.dac_label is not None:
+            label = ET.SubElement(root, "seclabel", type="static", model="dac", relabel="yes")
+            _text(label, "label", "+{}:+{}".format(*self.dac_label))
         if self.dropped_qemu_caps:
             ET.register_namespace("qemu", QEMU_NS)
             caps = ET.SubElement(root, f"{{{QEMU_NS}}}capabilities")
@@ -252,14 +260,15 @@ def parse_metadata(xml_text):
 
 def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot,
            interfaces=(), quick_cpu_probe=False, control_socket=None,
-           filesystems=(), stdin_socket=None, system_disk=None):
+           filesystems=(), stdin_socket=None, system_disk=None, dac_label=None):
     """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
     and cmdline for direct kernel boot, or None to boot the disk (a cloud image).
     ``system_disk``: micro's root as a shared read-only vdc (a container image's task: the
     overlay is the image's root, micro's root only runs vmiso's init and wrapper).
     ``quick_cpu_probe``: the host's cpuprobe.choose() said yes. ``control_socket``: where libvirt
     listens for what vmiso writes to the task channel. ``filesystems``: Filesystem objects (the
-    task's volumes). ``stdin_socket``: where vmiso listens for the task's stdin port."""
+    task's volumes). ``stdin_socket``: where vmiso listens for the task's stdin port.
+    ``dac_label``: (uid, gid) to run QEMU as (None: libvirt's configured QEMU user)."""
     quota = None
     if resources.cpus != resources.vcpus:
         quota = int(round(resources.cpus * CPU_PERIOD_US))
@@ -285,4 +294,5 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         dropped_qemu_caps=(cpuprobe.CAPABILITY,) if quick_cpu_probe else (),
         task_channel_socket=str(control_socket) if control_socket else None,
         filesystems=tuple(filesystems), stdin_socket=str(stdin_socket) if stdin_socket else None,
+        dac_label=tuple(dac_label) if dac_label is not None else None,
     )

@@ -37,13 +37,14 @@ def check_source(value):
         raise InvalidSpec("stdin", f"cannot read {os.fspath(value)}")
 
 
-def listen(path):
-    """A listening unix socket at ``path`` that QEMU's user (and nobody else) may connect to."""
+def listen(path, uid=None):
+    """A listening unix socket at ``path`` that QEMU's user (``uid``: the local user a container's
+    QEMU runs as instead), and nobody else, may connect to."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(str(path))
         os.chmod(path, 0o600)
-        uid = qemu_uid()
+        uid = qemu_uid() if uid is None else uid
         if uid is not None and os.geteuid() == 0:
             os.chown(path, uid, -1)
         sock.listen(1)

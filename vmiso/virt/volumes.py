@@ -54,11 +54,12 @@ def _inside(path, parent):
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def prepare(volumes, workdir, roots=None):
+def prepare(volumes, workdir, roots=None, uid=None):
     """Check each Volume against the host and return Shares (InvalidSpec, one line, otherwise):
     HOST exists and is a directory, lies neither inside vmiso's work dir nor above it (a guest
     would reach other VMs' disks through it), lies inside one of ``roots`` when the Isolator has
-    such a policy, and QEMU's user can use it as the volume needs."""
+    such a policy, and QEMU's user can use it as the volume needs (``uid``: the local user a
+    container's QEMU runs as instead, with QEMU's group)."""
     if not volumes:
         return ()
     work = os.path.realpath(str(workdir))
@@ -75,7 +76,7 @@ def prepare(volumes, workdir, roots=None):
         if allowed is not None and not any(_inside(host, root) for root in allowed):
             raise InvalidSpec("volumes", f"HOST {volume.host} is outside the directories this agent may share "
                                          f"({', '.join(allowed) or 'none'})")
-        check_qemu_access(host, write=not volume.readonly)
+        check_qemu_access(host, write=not volume.readonly, identity=_user_identity(uid) if uid is not None else None)
         shares.append(Share(host, volume.guest, volume.readonly, f"{TAG_PREFIX}{index}"))
     return tuple(shares)
 
@@ -93,11 +94,28 @@ def _qemu_identity():
     return None
 
 
-def check_qemu_access(path, write):
-    """InvalidSpec unless QEMU's user can enter and list ``path`` (and create files in it, for
+def _user_identity(uid):
+    """(name, uid, gid, groups) QEMU has when it runs as local user ``uid`` with QEMU's group:
+    libvirt gives it that group and the groups /etc/group lists the user in (getgrouplist)."""
+    import pwd
+
+    from ..paths import qemu_gid
+
+    gid = qemu_gid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        groups = os.getgrouplist(name, gid)
+    except KeyError:
+        name, groups = str(uid), [gid]
+    return name, uid, gid, groups
+
+
+def check_qemu_access(path, write, identity=None):
+    """InvalidSpec unless QEMU's user (``identity``: (name, uid, gid, groups) of the one a
+    container's QEMU runs as instead) can enter and list ``path`` (and create files in it, for
     ``write``). Asked of the kernel itself: ``test`` run as that user (with its groups, as libvirt
     starts QEMU), so modes, ACLs and every parent directory count exactly as they will for QEMU."""
-    identity = _qemu_identity()
+    identity = identity or _qemu_identity()
     if identity is None or os.geteuid() != 0:
         return  # QEMU runs as we do (a session libvirt): our own access is QEMU's
     name, uid, gid, groups = identity

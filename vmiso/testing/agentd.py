@@ -1,0 +1,84 @@
+"""A real ``vmiso agent`` for tests: its own work dir (micro shared from a built one by hard
+links, so nothing is rebuilt), its own socket, started as a subprocess and stopped after.
+
+    with agent_workdir(built="/var/lib/vmiso") as workdir:
+        with running_agent(workdir, socket_path, policy_text) as proc:
+            ...
+"""
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+START_TIMEOUT_S = 30
+
+
+def share_micro(built, workdir):
+    """Make ``workdir`` boot the micro image already built in work dir ``built``: its images
+    hard-linked (same file system: no copy), the pointers copied."""
+    src = os.path.join(built, "images", "micro")
+    dst = os.path.join(workdir, "images", "micro")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.chmod(os.path.dirname(dst), 0o755)
+    shutil.copytree(src, dst, copy_function=os.link, ignore=shutil.ignore_patterns(".build-*"), dirs_exist_ok=True)
+
+
+@contextlib.contextmanager
+def agent_workdir(built, parent="/var/lib"):
+    """A fresh work dir under ``parent`` that boots ``built``'s micro image; removed after."""
+    workdir = tempfile.mkdtemp(prefix="vmiso-agenttest-", dir=parent)
+    try:
+        share_micro(built, workdir)
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def answers(socket_path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(socket_path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+@contextlib.contextmanager
+def running_agent(workdir, socket_path, policy_text=None, log_path=None, extra_args=()):
+    """``vmiso agent`` serving ``workdir`` on ``socket_path`` (policy from ``policy_text``, TOML);
+    yields the Popen. Stopped with SIGTERM after (its VMs are left: the test removes them)."""
+    policy = os.path.join(os.path.dirname(socket_path), "policy.toml")
+    with open(policy, "w") as f:
+        f.write(policy_text or "")
+    log = open(log_path or os.devnull, "ab")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, "-m", "vmiso", "--workdir", workdir, "agent", "--socket", socket_path,
+                             "--policy", policy, *extra_args], stdout=log, stderr=log, start_new_session=True)
+    try:
+        wait_until_serving(proc, socket_path)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def wait_until_serving(proc, socket_path):
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not answers(socket_path):
+        if proc.poll() is not None:
+            raise RuntimeError(f"vmiso agent exited with {proc.returncode} before serving {socket_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vmiso agent did not serve {socket_path} within {START_TIMEOUT_S} s")
+        time.sleep(0.05)
