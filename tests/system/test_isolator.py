@@ -1,5 +1,6 @@
 """The Isolator API in-process, on the real libvirtd and micro guest."""
 import os
+import subprocess
 
 import pytest
 
@@ -29,8 +30,12 @@ def test_launch_wait_destroy(iso, cid):
     assert cid not in iso.containers()
 
 
-def test_zero_exit_is_finished(iso, cid):
-    iso.launch(cid, TaskSpec(["true"], resources=Resources(cpus=0.5, mem_mib=128)))
+def test_zero_exit_is_finished_and_a_fraction_of_a_cpu_is_a_quota(iso, cid):
+    iso.launch(cid, TaskSpec(["sh", "-c", "sleep 8; exit 0"], resources=Resources(cpus=0.5, mem_mib=128)))
+    sched = subprocess.run(["virsh", "schedinfo", f"vmiso-{cid}"], capture_output=True, text=True, check=True)
+    fields = dict(line.replace(" ", "").split(":", 1) for line in sched.stdout.splitlines() if ":" in line)
+    assert int(fields["global_quota"]) * 2 == int(fields["global_period"])  # the VM's cgroup, live
+    assert iso.usage(cid).cpus_limit == 0.5
     assert iso.wait(cid, timeout=60).state == "FINISHED"
     iso.destroy(cid)
 

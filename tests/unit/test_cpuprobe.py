@@ -16,14 +16,17 @@ def test_quick_on_a_libvirt_and_qemu_that_probe_per_feature():
     assert probe.quick and "tainted" in probe.reason and cpuprobe.ENV in probe.reason
 
 
-@pytest.mark.parametrize("libvirt_version, qemu_version, wanted", [
-    (LIBVIRT_9, QEMU_7_2, "full"),   # the operator said so
-    (5_004_000, QEMU_7_2, "quick"),  # libvirt cannot parse <qemu:capabilities>
-    (LIBVIRT_9, 4_000_000, "quick"),  # QEMU without unavailable-features: 2 queries already
+@pytest.mark.parametrize("libvirt_version, qemu_version, wanted, why", [
+    (LIBVIRT_9, QEMU_7_2, "full", f"{cpuprobe.ENV}=full"),   # the operator said so
+    (5_004_000, QEMU_7_2, "quick", "2 queries already"),      # libvirt cannot parse <qemu:capabilities>
+    (LIBVIRT_9, 4_000_000, "quick", "2 queries already"),     # QEMU without unavailable-features
+    (cpuprobe.MIN_LIBVIRT - 1, cpuprobe.MIN_QEMU, "quick", "2 queries already"),  # the boundaries
+    (cpuprobe.MIN_LIBVIRT, cpuprobe.MIN_QEMU - 1, "quick", "2 queries already"),
 ])
-def test_full_where_the_shortcut_does_not_apply(libvirt_version, qemu_version, wanted):
+def test_full_where_the_shortcut_does_not_apply(libvirt_version, qemu_version, wanted, why):
     probe = cpuprobe.choose(libvirt_version, qemu_version, wanted)
-    assert not probe.quick and probe.reason
+    assert not probe.quick and why in probe.reason
+    assert cpuprobe.choose(cpuprobe.MIN_LIBVIRT, cpuprobe.MIN_QEMU).quick  # the lowest versions it applies to
 
 
 def test_setting_from_argument_environment_and_default(monkeypatch):

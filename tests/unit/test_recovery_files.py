@@ -18,4 +18,9 @@ def test_only_dead_writers_temp_files_are_removed(tmp_path):
 
 
 def test_missing_directory_is_fine(tmp_path):
-    recovery._remove_temp_files(str(tmp_path / "gone"))
+    """A container directory removed meanwhile: nothing to clean, no error, nothing created."""
+    from vmiso import files
+
+    assert files.dead_writers_temp_files(str(tmp_path / "gone"), "checkpoint.json") == []
+    assert recovery._remove_temp_files(str(tmp_path / "gone")) is None
+    assert not (tmp_path / "gone").exists()
