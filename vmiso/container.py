@@ -38,6 +38,7 @@ class Container:
         self.removed = False         # set once destroy() (or a failed launch) removed it
         self.foreign = False         # another agent's: read here, never concluded, killed or removed
         self.paused = None           # why libvirt paused the VM ("ioerror", "paused"), while it is
+        self.wakeups = set()         # channel.Wakeup of each output() following it: set when it ends
 
     @property
     def owner(self):

@@ -353,6 +353,8 @@ class Isolator:
             c.termination = termination
             c.timeline["vm:concluded"] = time.monotonic()
             c.cond.notify_all()
+            for wakeup in c.wakeups:  # output() followers: finish now, not at their next idle check
+                wakeup.set()
             return termination
 
     def _reconcile(self, c):
@@ -531,12 +533,20 @@ class Isolator:
         else:
             def ended():
                 return c.termination is not None
-        for index, data in channel.follow([c.path(STDOUT), c.path(STDERR)],
-                                          finished=lambda: not follow or ended()):
-            if index == 0:
-                data = exit_filter.feed(data)
-            if data:
-                yield names[index], data
+        wakeup = channel.Wakeup()
+        with c.cond:
+            c.wakeups.add(wakeup)
+        try:
+            for index, data in channel.follow([c.path(STDOUT), c.path(STDERR)],
+                                              finished=lambda: not follow or ended(), wakeup=wakeup):
+                if index == 0:
+                    data = exit_filter.feed(data)
+                if data:
+                    yield names[index], data
+        finally:
+            with c.cond:
+                c.wakeups.discard(wakeup)
+            wakeup.close()
         rest = exit_filter.close()
         if rest:
             yield "stdout", rest

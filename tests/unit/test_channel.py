@@ -221,3 +221,26 @@ def test_stop_request_without_a_socket_or_a_reader_is_false(tmp_path):
     assert channel.request_stop(tmp_path / "control.sock", "00" * 16, timeout=0.3) is False
     assert time.monotonic() - started < 0.9  # gives up at its timeout
     thread.join(2)
+
+
+def test_a_wakeup_ends_a_follower_at_once(tmp_path):
+    """follow() notices the end when it is told (a Wakeup), not at its next idle check: without
+    it, a task's end reached `vmiso run` up to idle_check seconds late."""
+    path = tmp_path / "stdout"
+    path.write_bytes(b"all of it")
+    ended, wakeup = threading.Event(), channel.Wakeup()
+    got = []
+
+    def follower():
+        for _index, data in channel.follow([str(path)], finished=ended.is_set, idle_check=60, wakeup=wakeup):
+            got.append(data)
+
+    thread = threading.Thread(target=follower)
+    thread.start()
+    time.sleep(0.2)  # the follower has read everything and sleeps
+    ended.set()
+    wakeup.set()
+    thread.join(10)
+    assert not thread.is_alive() and got == [b"all of it"]
+    wakeup.set()  # setting it again is harmless
+    wakeup.close()

@@ -153,6 +153,7 @@ class ExitLineFilter:
 # --- inotify, so followers sleep until QEMU writes (no polling loop) --------------------------
 _IN_MODIFY = 0x2
 _IN_CLOSE_WRITE = 0x8
+_IN_MOVED_TO = 0x80  # a file renamed into place (an atomically written checkpoint)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -165,12 +166,14 @@ class Inotify:
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         for path in directories:
-            _libc.inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY | _IN_CLOSE_WRITE)
+            _libc.inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO)
 
-    def wait(self, timeout):
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
-            return False
+    def wait(self, timeout, also=None):
+        """True once a file was written (or ``also``, a Wakeup, was set), False after ``timeout``."""
+        fds = [self.fd] if also is None else [self.fd, also.fileno()]
+        ready, _, _ = select.select(fds, [], [], timeout)
+        if self.fd not in ready:
+            return bool(ready)
         try:
             while os.read(self.fd, 4096):
                 pass
@@ -182,6 +185,27 @@ class Inotify:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class Wakeup:
+    """A flag a follower's wait can select on: once set() it stays readable for good (level
+    triggered, so every waiter sees it; set() from any thread, any number of times)."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self):
+        return self._read
+
+    def set(self):
+        try:
+            os.write(self._write, b"x")
+        except (BlockingIOError, OSError):
+            pass  # set already (the pipe holds a byte), or closed
+
+    def close(self):
+        for fd in (self._read, self._write):
+            os.close(fd)
 
 
 class _Reader:
@@ -226,11 +250,12 @@ class _Reader:
             self.fd = None
 
 
-def follow(paths, finished, chunk=65536, idle_check=0.5):
+def follow(paths, finished, chunk=65536, idle_check=0.5, wakeup=None):
     """Yield (index, bytes) from the files in ``paths`` as they grow, until ``finished()`` is
     true and every file has been read to its end. Files that do not exist yet are waited for;
     roll-overs are followed (bytes of a roll-over that happened twice between reads are lost:
-    the bound on host-side logs)."""
+    the bound on host-side logs). ``wakeup`` (a Wakeup) set means: ask ``finished()`` now, rather
+    than at the next write or ``idle_check`` seconds later."""
     readers = [_Reader(p) for p in paths]
     watcher = Inotify(sorted({os.path.dirname(os.path.abspath(p)) for p in paths}))
     try:
@@ -245,7 +270,7 @@ def follow(paths, finished, chunk=65536, idle_check=0.5):
             if done and not progressed:
                 return
             if not progressed:
-                watcher.wait(idle_check)  # the timeout only re-checks finished()
+                watcher.wait(idle_check, wakeup)  # the timeout only re-checks finished()
     finally:
         watcher.close()
         for reader in readers:
