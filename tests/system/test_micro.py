@@ -1,5 +1,5 @@
 """The micro guest: built once per session (reused across runs by its key), booted with plain
-qemu-system-x86_64 under TCG, checked against the task contract (DESIGN.md, "Guest contract").
+qemu-system-x86_64 under TCG, checked against the task contract (docs/guest-contract.md).
 
 No libvirt here on purpose: this proves the image itself; the domain XML is tested elsewhere.
 """

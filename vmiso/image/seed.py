@@ -1,7 +1,7 @@
 """The NoCloud seed ISO (volume label ``cidata``) that carries a task into its guest, built
 in-process with pycdlib.
 
-Contents (the guest contract, DESIGN.md):
+Contents (the guest contract, docs/guest-contract.md):
   meta-data        instance-id and local-hostname (JSON, which YAML reads as is)
   user-data        ``#cloud-config`` for stock cloud images: write_files of the wrapper and the
                    task's data into /run/vmiso, runcmd of the wrapper
