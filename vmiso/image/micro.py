@@ -1,5 +1,5 @@
 """The embedded default guest, *micro*: a small kernel booted directly and an ext4 root of static
-busybox whose /sbin/init runs the task contract (DESIGN.md, "Guest contract").
+busybox whose /sbin/init runs the task contract (docs/guest-contract.md).
 
 Two kernels, one root (``build_micro(kernel=...)``, ``vmiso image build-micro --kernel``):
 
