@@ -62,23 +62,8 @@ getent group vmiso >/dev/null || { log "creating group vmiso"; groupadd --system
 # too: such a QEMU cannot pass it to read its master key. Fedora's packaging makes it 0751.
 [ -d /var/lib/libvirt/qemu ] && chmod o+x /var/lib/libvirt/qemu
 
-# The client ordinary users run: a venv from Debian's /usr/bin/python3 (the machine's Python may
-# be out of their reach), with vmiso alone (the client needs no libvirt), readable by everyone.
-CLIENT=${VMISO_CLIENT_PREFIX:-/opt/vmiso}
-client_inputs=$( (cat setup.py; find vmiso -name '*.py' -o -name '*.sh' | sort | xargs cat) | sha256sum | cut -d" " -f1)
-if [ ! -f "$CLIENT/.vmiso-client-stamp" ] || [ "$(cat "$CLIENT/.vmiso-client-stamp")" != "$client_inputs" ]; then
-  log "installing the client for ordinary users into $CLIENT"
-  (
-    umask 022
-    [ -x "$CLIENT/bin/python" ] || /usr/bin/python3 -m venv "$CLIENT"
-    VMISO_NO_EXTENSIONS=1 "$CLIENT/bin/pip" install -q --no-deps --no-build-isolation --no-index --force-reinstall .
-  )
-  echo "$client_inputs" > "$CLIENT/.vmiso-client-stamp"
-fi
-# On PATH for everyone, unless something else is there already.
-if [ ! -e /usr/local/bin/vmiso ] || [ "$(readlink /usr/local/bin/vmiso)" = "$CLIENT/bin/vmiso" ]; then
-  ln -sfn "$CLIENT/bin/vmiso" /usr/local/bin/vmiso
-fi
+# The client ordinary users run (/opt/vmiso, on PATH as /usr/local/bin/vmiso).
+bash scripts/client.sh
 
 # The agent's systemd unit where systemd runs (started by `make agent`, not here: see README).
 if [ -d /run/systemd/system ]; then
