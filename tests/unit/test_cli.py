@@ -63,6 +63,7 @@ def test_bench_usage_prints_reads_refreshes_and_speedups(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = dict(line.split(None, 1) for line in proc.stdout.splitlines()[1:] if "_us_per_vm" in line)
     assert float(rows["python_us_per_vm"]) > 0 and float(rows["python_refresh_us_per_vm"]) > 0
+    assert float(rows["floor_us_per_vm"]) > 0  # the same system calls, nothing parsed
     if _fast.NO_EXTENSIONS:
         assert rows["cython_us_per_vm"] == "-" and "no Cython extension" in proc.stdout
     else:

@@ -239,6 +239,30 @@ def batch_reader(module, targets, proc):
     return Reader(lambda: module.read_batch(vms, out, net_fd), refresh, close)
 
 
+def floor_reader(targets, proc):
+    """A Reader making only the system calls read_batch makes (_fast/floors.pyx): one pread
+    per counter file, one fstat per overlay, /proc/net/dev once; limits are refresh()'s, left out."""
+    from .._fast import layout
+
+    floors = _fast.load("floors")
+    mount_points = cgroups.mounts(f"{proc}/self/mountinfo")
+    counters, overlays = [], []
+    for t in targets:
+        for path, kind, _slot in cgroups.vm_files(t.pid, mount_points, proc, t.overlay):
+            if kind & layout.K_LIMIT:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            (overlays if kind == layout.K_FSTAT else counters).append(fd)
+    net_fd = os.open(f"{proc}/net/dev", os.O_RDONLY | os.O_CLOEXEC)
+    files = floors.UsageFiles(counters, overlays, net_fd)
+
+    def close():
+        for fd in counters + overlays + [net_fd]:
+            os.close(fd)
+
+    return Reader(files.read, lambda: None, close)
+
+
 def psutil_collector(targets, proc):
     """The usual Python way: psutil for the process, open/read/close for the cgroup files,
     psutil.net_io_counters for the taps. Returns a no-argument callable doing one poll."""
@@ -292,6 +316,8 @@ def run_generated(n, layout="hybrid", rounds=None):
                 if module is not None:
                     readers[name] = batch_reader(module, targets, proc)
                     readers[name].read()  # warm
+            readers["floor"] = floor_reader(targets, proc)
+            readers["floor"].read()
             # Interleaved rounds: both readers see the same noise from the rest of the machine.
             samples = {name: [] for name in readers}
             for _ in range(rounds):
@@ -299,13 +325,18 @@ def run_generated(n, layout="hybrid", rounds=None):
                     start = time.perf_counter_ns()
                     reader.read()
                     samples[name].append(time.perf_counter_ns() - start)
-            refresh = {name: _median_us(reader.refresh, max(3, rounds // 4)) / n for name, reader in readers.items()}
+            refresh = {name: _median_us(reader.refresh, max(3, rounds // 4)) / n for name, reader in readers.items()
+                       if name in modules}
         finally:
             for reader in readers.values():
                 reader.close()
         for name in modules:
             result[f"{name}_us_per_vm"] = statistics.median(samples[name]) / 1000 / n if name in samples else None
             result[f"{name}_refresh_us_per_vm"] = refresh.get(name)
+        result["floor_us_per_vm"] = statistics.median(samples["floor"]) / 1000 / n
+        best = result["cython_us_per_vm"] or result["python_us_per_vm"]
+        result["floor_ratio"] = best / result["floor_us_per_vm"]
+        result["floor_implementation"] = _fast.implementation("floors")
         collector = Collector(proc=proc)
         try:
             collector.read(targets)
