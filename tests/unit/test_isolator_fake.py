@@ -213,3 +213,38 @@ def test_another_agents_container_is_read_only(tmp_path, host, base):
     assert owner.wait("c1", timeout=10).exit_code == 4
     assert other.wait("c1", timeout=10).exit_code == 4  # read from the owner's record
     assert checkpoint(owner, "c1").agent_id == "owner"
+
+
+# --- a local user's container (launch(uid=), the agent's callers) ---------------------------------
+def test_a_users_container_runs_qemu_as_that_user_and_its_directory_admits_only_them(iso, host, base):
+    import xml.etree.ElementTree as ET
+
+    from vmiso.image import store
+    from vmiso.paths import _acl_users, qemu_gid, qemu_uid
+
+    if os.geteuid() != 0 or qemu_gid() is None:
+        pytest.skip("needs root and QEMU's user (libvirt-qemu) to chown and set ACLs")
+    store.add(iso.workdir.ensure().root, base, name="plain:1")
+    status = iso.launch("u1", TaskSpec(["true"], image="plain:1"), uid=4242)
+    assert status.uid == 4242 and status.cpus == 1.0 and status.mem_mib == 256
+    label = ET.fromstring(host.domains["vmiso-u1"].xml).find("seclabel")
+    assert label.attrib == {"type": "static", "model": "dac", "relabel": "yes"}
+    assert label.find("label").text == f"+4242:+{qemu_gid()}"
+    directory = iso.workdir.container_dir("u1")
+    assert _acl_users(directory) == {4242}                    # not libvirt-qemu: its VMs are everyone's
+    assert {4242, qemu_uid()} <= _acl_users(iso.workdir.containers)
+    assert checkpoint(iso, "u1").extra["uid"] == 4242
+    # The operator's containers stay as they were: QEMU's own user, no seclabel, no uid.
+    root = iso.launch("r1", spec(base), uid=0)
+    assert root.uid is None and ET.fromstring(host.domains["vmiso-r1"].xml).find("seclabel") is None
+    assert _acl_users(iso.workdir.container_dir("r1")) == {qemu_uid()}
+
+
+def test_a_users_container_never_boots_a_host_path(iso, base):
+    from vmiso import InvalidSpec
+
+    with pytest.raises(InvalidSpec, match="image paths are not allowed"):
+        iso.launch("u2", spec(base), uid=4242)
+    assert not os.path.exists(iso.workdir.container_dir("u2"))
+    with pytest.raises(InvalidSpec, match="uid"):
+        iso.launch("u3", spec(base), uid=-1)

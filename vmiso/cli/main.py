@@ -112,7 +112,12 @@ def isolator(args, in_process=False):
             raise HostError(f"the vmiso agent at {remote.socket_path} serves {args.workdir}: 'vmiso {args.command}' "
                             "works only in-process, while no agent serves the work dir")
         return remote
-    from ..isolator import Isolator
+    try:
+        from ..isolator import Isolator
+    except ImportError as err:  # the client install (scripts/client.sh) has no libvirt
+        raise HostError(f"no vmiso agent serves {args.workdir}, and this vmiso ({sys.argv[0]}) is the client "
+                        f"install, which cannot work in-process ({err.name or err} is missing): start the agent "
+                        "('make agent') or use the full install (.venv/bin/vmiso)") from err
 
     iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel, agent_id=args.agent_id,
                    disk_reserve=args.disk_reserve, disk_overcommit=args.disk_overcommit)
