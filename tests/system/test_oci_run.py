@@ -49,6 +49,20 @@ def test_env_workdir_and_their_overrides(busybox, cid):
     assert proc.stdout == b"mine\n/tmp/new\n", proc.stderr
 
 
+def test_the_task_gets_exactly_its_environment_and_arguments(busybox, cid):
+    """Nothing of the wrapper's shells in the environment (env is exec'd without a shell),
+    HOSTNAME as docker sets it unless the run sets one; arguments byte-exact, empty ones kept."""
+    proc = run("--name", cid, "-e", "X=a b=c", busybox, "env")
+    assert proc.returncode == 0, proc.stderr
+    env = sorted(proc.stdout.decode().splitlines())
+    assert env == sorted(["IMAGE=busybox", "PATH=/bin", "HOME=/root", f"HOSTNAME={cid}", "X=a b=c"]), env
+    proc = run("--name", cid, "-e", "HOSTNAME=mine", busybox, "sh", "-c", 'echo "$HOSTNAME"')
+    assert proc.stdout == b"mine\n", proc.stderr
+    args = ["", "a b", "$(id)", "\\n", "é"]
+    proc = run("--name", cid, busybox, "sh", "-c", 'printf "[%s]" "$@"', "sh", *args)
+    assert proc.stdout == "".join(f"[{a}]" for a in args).encode(), proc.stderr
+
+
 @pytest.mark.parametrize("user, expected", [
     (None, b"uid=0(root) gid=0(root)"),
     ("app", b"uid=1000(app) gid=1000(app)"),

@@ -22,24 +22,24 @@ decode() { v=$(printf '%s' "$1" | base64 -d; echo x); v=${v%x}; }
 # ours (d, out, err, nonce, workdir, PATH, IFS, ...) would change what the wrapper does. Its
 # NAME=VALUE pairs go first in the positional parameters, then "--" (no pair is "--": every
 # pair holds "="), then the argv; the shell that execs the task exports them last of all.
-workdir=/
-if [ -s "$d/workdir" ]; then decode "$(cat "$d/workdir")"; workdir=$v; fi
-set --
-while IFS= read -r line; do decode "$line"; set -- "$@" "$v"; done < "$d/env"
-set -- "$@" --
 # A container image's task (the seed has "oci": uid gid groups hostname address, plain values
-# vmiso checked): the image's root is /dev/vda. vmiso-exec chroots into it, adds /proc, /sys,
-# /dev, /tmp, /etc/hostname and /etc/hosts, takes the task's user and working directory and
-# execs the task; nothing of vmiso's is left in the task's view.
+# vmiso checked): the image's root is /dev/vda. vmiso-exec reads the task's argv, env and
+# working directory from $d itself (a decode here costs a fork per item), chroots into the
+# image's root, adds /proc, /sys, /dev, /tmp, /etc/hostname and /etc/hosts, takes the task's
+# user and working directory and execs the task; nothing of vmiso's is left in the task's view.
+workdir=/
 image_root=
+set --
 if [ -s "$d/oci" ]; then
   image_root=/run/vmiso/root
   IFS=' ' read -r uid gid groups host address <"$d/oci"
-  set -- "$@" /usr/lib/vmiso/vmiso-exec "$image_root" "$uid" "$gid" "$groups" "$workdir" "$host" "$address" --
-  workdir=/
+else
+  if [ -s "$d/workdir" ]; then decode "$(cat "$d/workdir")"; workdir=$v; fi
+  while IFS= read -r line; do decode "$line"; set -- "$@" "$v"; done < "$d/env"
+  set -- "$@" --
+  while IFS= read -r line; do decode "$line"; set -- "$@" "$v"; done < "$d/argv"
+  unset line v
 fi
-while IFS= read -r line; do decode "$line"; set -- "$@" "$v"; done < "$d/argv"
-unset line v
 
 # mount_volumes ROOT: each "TAG ro|rw BASE64(GUEST)" line of the seed's volumes file, mounted at
 # ROOT/GUEST (ROOT: empty, or a container image's root), parents first. QEMU enforces ro on the
@@ -85,12 +85,17 @@ if [ -n "$image_root" ]; then
 fi
 if [ "$ready" = yes ] && mount_volumes "$image_root" && cd "$workdir" 2>"$err"; then
   echo VMISO-TASK-START >/dev/ttyS0 2>/dev/null  # the host's "task started" marker (vmiso bench)
-  # $$ and "$@" belong to the inner shell, which uses no variable of its own: it exports the
-  # pairs up to "--" and execs the rest (the task's PATH finds the command, as in docker). No
-  # pid file (a read-only /run): the task runs anyway, only without a graceful stop.
-  sh -c 'echo $$ >"$0" 2>/dev/null
-    while [ "$1" != -- ]; do export "$1"; shift; done; shift
-    exec "$@"' "$pidfile" "$@" <"$stdin" >"$out" 2>"$err"
+  if [ -n "$image_root" ]; then
+    /usr/lib/vmiso/vmiso-exec "$d" "$image_root" "$pidfile" "$uid" "$gid" "$groups" "$host" "$address" \
+      <"$stdin" >"$out" 2>"$err"
+  else
+    # $$ and "$@" belong to the inner shell, which uses no variable of its own: it exports the
+    # pairs up to "--" and execs the rest (the task's PATH finds the command, as in docker). No
+    # pid file (a read-only /run): the task runs anyway, only without a graceful stop.
+    sh -c 'echo $$ >"$0" 2>/dev/null
+      while [ "$1" != -- ]; do export "$1"; shift; done; shift
+      exec "$@"' "$pidfile" "$@" <"$stdin" >"$out" 2>"$err"
+  fi
   code=$?
 else
   code=126

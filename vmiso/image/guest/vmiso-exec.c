@@ -1,20 +1,24 @@
 /*
  * vmiso-exec: the last step of the guest wrapper for a task in a container image.
  *
- *   vmiso-exec ROOT UID GID GROUPS WORKDIR HOSTNAME ADDRESS -- ARGV...
+ *   vmiso-exec TASKDIR ROOT PIDFILE UID GID GROUPS HOSTNAME ADDRESS
  *
- * Runs as root in the micro guest, with the task's environment already exported and the image's
- * root file system mounted at ROOT. It chroots into ROOT first, so that every path below is the
- * image's own and a symlink planted by the image resolves inside it, never into vmiso's files;
- * then it adds what a container runtime adds (/proc, /sys read-only, /dev with pts and shm, a
- * /tmp, /etc/hostname and /etc/hosts), takes the task's user (supplementary GROUPS: comma-
- * separated numbers, or "-" for none), changes to WORKDIR (created, as root, if missing) and
- * execs ARGV with the task's PATH. ADDRESS is the guest's IPv4 address, or "-".
+ * Runs as root in the micro guest, with the image's root file system mounted at ROOT. TASKDIR is
+ * the seed's task directory: it reads the task's argv, environment and working directory from
+ * there (base64 lines, the wrapper's format) and decodes them itself, because the wrapper's
+ * shell pays a fork for every item it decodes. It writes its pid to PIDFILE (the wrapper's stop
+ * listener signals that pid; it stays the task's through the exec), then chroots into ROOT, so
+ * that every path below is the image's own and a symlink planted by the image resolves inside
+ * it, never into vmiso's files; then it adds what a container runtime adds (/proc, /sys
+ * read-only, /dev with pts and shm, a /tmp, /etc/hostname and /etc/hosts), takes the task's user
+ * (supplementary GROUPS: comma-separated numbers, or "-" for none), changes to the working
+ * directory (created, as root, if missing) and execs the argv with exactly the task's
+ * environment (HOSTNAME added when it has none, as docker does; nothing of the wrapper's),
+ * finding the command in the task's PATH. ADDRESS is the guest's IPv4 address, or "-".
  *
  * Exit status when the task cannot be started (as docker's): 126 it could not be set up or
- * executed, 127 the command was not found. The process keeps its pid through every exec, so
- * the wrapper's stop request reaches the task. Compiled static by vmiso's micro build; nothing
- * here is visible to the task after the chroot.
+ * executed, 127 the command was not found. Compiled static by vmiso's micro build; nothing here
+ * is visible to the task after the chroot.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,6 +34,7 @@
 #include <unistd.h>
 
 #define MAX_GROUPS 64
+#define MAX_TASK_FILE (8 << 20)  /* larger than any argv + env the kernel execs */
 
 static void die(int code, const char *what, const char *arg)
 {
@@ -131,24 +136,147 @@ static void take_user(const char *uid_text, const char *gid_text, char *groups_t
         die(126, "cannot set the user", uid_text);
 }
 
+/* The bytes of TASKDIR/NAME (NUL-terminated; an empty string when it is absent). */
+static char *read_task_file(const char *dir, const char *name)
+{
+    char path[PATH_MAX];
+    if (snprintf(path, sizeof path, "%s/%s", dir, name) >= (int)sizeof path)
+        fail("path too long:", dir);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT)
+        return calloc(1, 1);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st))
+        die(126, "cannot read", path);
+    if (st.st_size > MAX_TASK_FILE)
+        fail("too large:", path);
+    char *text = malloc(st.st_size + 1);
+    size_t got = 0;
+    while (text && got < (size_t)st.st_size) {
+        ssize_t n = read(fd, text + got, st.st_size - got);
+        if (n <= 0)
+            die(126, "cannot read", path);
+        got += n;
+    }
+    if (!text)
+        fail("out of memory reading", path);
+    text[got] = '\0';
+    close(fd);
+    return text;
+}
+
+static int b64_value(int c)
+{
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+}
+
+/* Decode one base64 line in place (padded, as Python's b64encode writes it); NULL if it is not
+ * base64 or the result holds a NUL (not an argument, a variable or a path). */
+static char *b64_decode(char *line)
+{
+    size_t len = strlen(line), out = 0;
+    if (len % 4)
+        return NULL;
+    for (size_t i = 0; i < len; i += 4) {
+        int v[4], pad = 0;
+        for (int k = 0; k < 4; k++) {
+            if (line[i + k] == '=' && i + 4 == len && k >= 2 && (k == 3 || line[i + 3] == '=')) {
+                v[k] = 0;
+                pad++;
+            } else if ((v[k] = b64_value((unsigned char)line[i + k])) < 0) {
+                return NULL;
+            }
+        }
+        unsigned bits = (unsigned)v[0] << 18 | (unsigned)v[1] << 12 | (unsigned)v[2] << 6 | (unsigned)v[3];
+        char bytes[3] = {(char)(bits >> 16), (char)(bits >> 8), (char)bits};
+        for (int k = 0; k < 3 - pad; k++) {
+            if (!bytes[k])
+                return NULL;
+            line[out++] = bytes[k];
+        }
+    }
+    line[out] = '\0';
+    return line;
+}
+
+/* The decoded lines of TASKDIR/NAME as a NULL-terminated array, plus room for EXTRA more. */
+static char **read_task_list(const char *dir, const char *name, size_t extra)
+{
+    char *text = read_task_file(dir, name);
+    size_t count = 0;
+    for (char *p = text; *p; p++)
+        count += *p == '\n';
+    char **items = calloc(count + 2 + extra, sizeof *items);
+    if (!items)
+        fail("out of memory reading", name);
+    size_t n = 0;
+    for (char *line = text, *end; (end = strchr(line, '\n')); line = end + 1) {
+        *end = '\0';  /* an empty line is an empty item (an argument may be "") */
+        if (!(items[n++] = b64_decode(line)))
+            fail("not base64 data in the task's", name);
+    }
+    return items;
+}
+
+static void write_pid(const char *pidfile)
+{
+    /* Best effort, as before: without it the task runs, only without a graceful stop. */
+    int fd = open(pidfile, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    char text[32];
+    int len = snprintf(text, sizeof text, "%d\n", (int)getpid());
+    (void)!write(fd, text, len);
+    close(fd);
+}
+
 int main(int argc, char **argv)
 {
-    if (argc < 10 || strcmp(argv[8], "--"))
-        fail("usage:", "ROOT UID GID GROUPS WORKDIR HOSTNAME ADDRESS -- ARGV...");
-    const char *root = argv[1], *workdir = argv[5];
+    if (argc != 9)
+        fail("usage:", "TASKDIR ROOT PIDFILE UID GID GROUPS HOSTNAME ADDRESS");
+    const char *taskdir = argv[1], *root = argv[2], *hostname = argv[7];
+    char **task_argv = read_task_list(taskdir, "argv", 0);
+    char **task_env = read_task_list(taskdir, "env", 1);
+    char *workdir = read_task_file(taskdir, "workdir");
+    workdir[strcspn(workdir, "\n")] = '\0';
+    if (!*workdir)
+        workdir = "/";
+    else if (!b64_decode(workdir))
+        fail("not base64 data in the task's", "workdir");
+    if (!task_argv[0])
+        fail("no command:", "the task's argv is empty");
+    size_t n_env = 0;
+    int has_hostname = 0;
+    for (; task_env[n_env]; n_env++)
+        has_hostname |= !strncmp(task_env[n_env], "HOSTNAME=", 9);
+    if (!has_hostname) {
+        size_t size = strlen(hostname) + 10;
+        char *item = malloc(size);
+        if (!item)
+            fail("out of memory for", "HOSTNAME");
+        snprintf(item, size, "HOSTNAME=%s", hostname);
+        task_env[n_env] = item;
+    }
+    write_pid(argv[3]);
     if (chroot(root) || chdir("/"))
         die(126, "cannot enter the image's root", root);
-    runtime_files(argv[6], argv[7]);
+    runtime_files(hostname, argv[8]);
     if (workdir[0] != '/')
         fail("the working directory is not absolute:", workdir);
     make_dirs(workdir, 0755);
-    take_user(argv[2], argv[3], argv[4]);
+    take_user(argv[4], argv[5], argv[6]);
     if (chdir(workdir))
         die(126, "cannot change to the working directory", workdir);
-    execvp(argv[9], argv + 9);
+    environ = task_env;  /* execvp looks the command up in the task's PATH */
+    execvp(task_argv[0], task_argv);
     if (errno == ENOENT)
-        fprintf(stderr, "vmiso-exec: %s: executable file not found in $PATH\n", argv[9]);
+        fprintf(stderr, "vmiso-exec: %s: executable file not found in $PATH\n", task_argv[0]);
     else
-        fprintf(stderr, "vmiso-exec: cannot execute %s: %s\n", argv[9], strerror(errno));
+        fprintf(stderr, "vmiso-exec: cannot execute %s: %s\n", task_argv[0], strerror(errno));
     return errno == ENOENT ? 127 : 126;
 }
