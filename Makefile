@@ -26,6 +26,7 @@ agent-stop:
 
 lint: setup
 	$(VENV)/bin/ruff check vmiso tests benchmarks
+	$(VENV)/bin/mypy  # the public API's modules (mypy.ini)
 
 test-unit: setup
 	$(PYTEST) -q -m "not system" tests

@@ -30,7 +30,7 @@ setup(
     version="0.1.0",
     description="Run a cluster agent's tasks inside QEMU/KVM virtual machines",
     packages=find_packages(include=["vmiso", "vmiso.*"]),
-    package_data={"vmiso": ["image/guest/*"]},
+    package_data={"vmiso": ["image/guest/*", "py.typed"]},
     python_requires=">=3.9",
     install_requires=["libvirt-python>=9.0", "pyroute2>=0.7", "pycdlib>=1.14", "psutil>=5.9",
                       "prometheus_client>=0.17"],

@@ -17,28 +17,44 @@ from .errors import (
     ImageError,
     InvalidSpec,
     LaunchFailed,
+    NetworkError,
     NoDiskSpace,
     NotFound,
     NotOwned,
+    StatsError,
     Timeout,
     UnsafeImage,
     VirtError,
     VmisoError,
 )
-from .spec import ContainerStatus, Resources, TaskSpec, Termination, Volume
+from .spec import (
+    ContainerStatus,
+    NetworkSpec,
+    RateLimit,
+    Resources,
+    ResourceStatistics,
+    TaskSpec,
+    Termination,
+    Volume,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists", "CommandFailed", "ContainerStatus", "HostError", "ImageError", "InvalidSpec",
-    "Isolator", "LaunchFailed", "NoDiskSpace", "NotFound", "NotOwned", "Resources", "TaskSpec", "Termination",
+    "Isolator", "LaunchFailed", "NetworkError", "NetworkSpec", "NoDiskSpace", "NotFound", "NotOwned",
+    "RateLimit", "RecoveryReport", "ResourceStatistics", "Resources", "StatsError", "TaskSpec", "Termination",
     "Timeout", "UnsafeImage", "VirtError", "VmisoError", "Volume",
 ]
 
+# Loaded when first used: the Isolator brings libvirt in, and recovery the Isolator's modules.
+_LAZY = {"Isolator": ("isolator", "Isolator"), "RecoveryReport": ("recovery", "RecoveryReport")}
+
 
 def __getattr__(name):
-    if name == "Isolator":
-        from .isolator import Isolator
+    if name in _LAZY:
+        import importlib
 
-        return Isolator
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
     raise AttributeError(f"module 'vmiso' has no attribute {name!r}")

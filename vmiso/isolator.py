@@ -6,12 +6,15 @@ something has an undo, and a failed launch undoes what it did. The truth about a
 derived from its checkpoint, libvirt's live domains and the task channel, so any process (the
 agent after a restart, another ``vmiso`` command) sees the same thing.
 """
+from __future__ import annotations
+
 import logging
 import os
 import secrets
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING, Optional
 
 from . import admission, faults, state, taskrun
 from .accounting import live as accounting
@@ -46,6 +49,14 @@ from .virt import accel as accel_mod
 from .virt import channel, cpuprobe, domain, volumes
 from .virt import stdin as stdin_channel
 from .virt.host import DEFAULT_URI, Host
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .accounting.limits import DiskLimits
+    from .errors import StatsError
+    from .recovery import RecoveryReport
+    from .spec import RateLimit, Resources, ResourceStatistics
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +102,7 @@ class Isolator:
         self._lock = threading.RLock()
 
     # --- launch -----------------------------------------------------------------------------
-    def launch(self, container_id, spec, uid=None):
+    def launch(self, container_id: str, spec: TaskSpec, uid: Optional[int] = None) -> ContainerStatus:
         """Start ``spec`` in a new VM; return its ContainerStatus. LaunchFailed leaves nothing.
         ``uid``: the local user the container belongs to (an agent's caller): its QEMU runs as
         that uid with QEMU's group instead of as QEMU's user, its volumes must be that user's to
@@ -176,7 +187,8 @@ class Isolator:
             oci = None
             if task.user is not None:
                 address = c.checkpoint.extra["ip"].split("/")[0] if "ip" in c.checkpoint.extra else None
-                oci = seed.oci_line(*task.user, hostname, address)
+                uid_in_image, gid_in_image, groups_in_image = task.user
+                oci = seed.oci_line(uid_in_image, gid_in_image, groups_in_image, hostname, address)
             files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=hostname,
                                     argv=task.argv, env=task.env, nonce=checkpoint.nonce,
                                     data_files=_data_files(shares, spec),
@@ -235,14 +247,15 @@ class Isolator:
         c.timeline[name] = time.monotonic()
         faults.hit(name)
 
-    def timeline(self, container_id):
+    def timeline(self, container_id: str) -> dict[str, float]:
         """When each named step of this container's launch completed (time.monotonic())."""
         return dict(self._get(container_id).timeline)
 
-    def cpu_probe(self):
+    def cpu_probe(self) -> cpuprobe.CpuProbe:
         """How libvirt reads each new guest's CPU on this host (virt/cpuprobe.py); asked once."""
         if self._cpu_probe is None:
-            self._cpu_probe = cpuprobe.choose(*self.host.versions(), wanted=self._cpu_probe_wanted)
+            libvirt_version, qemu_version = self.host.versions()
+            self._cpu_probe = cpuprobe.choose(libvirt_version, qemu_version, wanted=self._cpu_probe_wanted)
         return self._cpu_probe
 
     def _domain_xml(self, c, spec, image):
@@ -387,7 +400,7 @@ class Isolator:
             log.warning("timeout kill of %s failed: %s", container_id, err)
 
     # --- the API ----------------------------------------------------------------------------
-    def wait(self, container_id, timeout=None):
+    def wait(self, container_id: str, timeout: Optional[float] = None) -> Termination:
         """Block until the container ends; return its Termination. Timeout if ``timeout`` passes."""
         c = self._get(container_id, allow_ended=True)
         if isinstance(c, Termination):
@@ -426,7 +439,7 @@ class Isolator:
         finally:
             watcher.close()
 
-    def kill(self, container_id, grace=5.0, reason=R_DESTROYED):
+    def kill(self, container_id: str, grace: float = 5.0, reason: str = R_DESTROYED) -> Termination:
         """Stop the VM: SIGTERM to the task (through the task channel; the ACPI power button
         for a VM without one), ``grace`` seconds for it to end, then destroy. Keeps the record
         (wait, status, logs still answer); returns the Termination. NotOwned for another
@@ -460,7 +473,7 @@ class Isolator:
         faults.hit("destroy:stopped")
         return self.wait(c.id)
 
-    def destroy(self, container_id, grace=5.0):
+    def destroy(self, container_id: str, grace: float = 5.0) -> Optional[Termination]:
         """Kill the VM if it runs, then remove everything of the container. Idempotent: an
         unknown or already destroyed id is no error. Returns the Termination (or None)."""
         validate_container_id(container_id)
@@ -488,7 +501,7 @@ class Isolator:
             self._containers.pop(c.id, None)
             self._ended[c.id] = termination
 
-    def status(self, container_id):
+    def status(self, container_id: str) -> ContainerStatus:
         c = self._get(container_id)
         cp = c.checkpoint
         if c.termination is not None:
@@ -505,11 +518,11 @@ class Isolator:
             cpus=cp.extra.get("limits", {}).get("cpus"), mem_mib=cp.extra.get("limits", {}).get("mem_mib"),
         )
 
-    def containers(self):
+    def containers(self) -> list[str]:
         """Ids of every container with a record in the work directory (running or ended)."""
         return self.workdir.container_ids()
 
-    def recover(self, strict=False):
+    def recover(self, strict: bool = False) -> RecoveryReport:
         """Bring every container of this agent back under supervision after a restart: adopt
         running VMs, conclude the ones that ended while nobody watched, fail and clean
         interrupted launches, finish interrupted destroys, destroy orphan domains that carry this
@@ -520,7 +533,7 @@ class Isolator:
 
         return recover(self, strict=strict)
 
-    def output(self, container_id, follow=True):
+    def output(self, container_id: str, follow: bool = True) -> Iterator[tuple[str, bytes]]:
         """Yield ("stdout"|"stderr", bytes) as the task writes them, until it has ended and
         everything is read (``follow=False``: only what is there now). The exit line is not part
         of the output."""
@@ -551,7 +564,7 @@ class Isolator:
         if rest:
             yield "stdout", rest
 
-    def console_log(self, container_id):
+    def console_log(self, container_id: str) -> str:
         """The path of the container's boot console log."""
         return self._get(container_id).path(CONSOLE_LOG)
 
@@ -563,17 +576,18 @@ class Isolator:
                 self._accounting_ = accounting.Accounting(self)
             return self._accounting_
 
-    def usage(self, container_id):
+    def usage(self, container_id: str) -> ResourceStatistics:
         """ResourceStatistics of a running container (StatsError if its VM is gone)."""
         return self._accounting.usage(container_id)
 
-    def usage_all(self, errors=None):
+    def usage_all(self, errors: Optional[dict[str, StatsError]] = None) -> dict[str, ResourceStatistics]:
         """{id: ResourceStatistics} of every running container this Isolator supervises (recover()
         adopts the others), in one batch read. A VM that could not be read is left out; pass a
         dict as ``errors`` to get {id: StatsError} of those."""
         return self._accounting.usage_all(errors)
 
-    def update(self, container_id, resources, disk=None, inbound=None, outbound=None):
+    def update(self, container_id: str, resources: Resources, disk: Optional[DiskLimits] = None,
+               inbound: Optional[RateLimit] = None, outbound: Optional[RateLimit] = None) -> None:
         """Change a running container's limits live: CPU quota and shares (``resources.cpus``, at
         most its vCPUs), guest memory through the balloon (``resources.mem_mib``, at most what it
         was launched with) with the cgroup's hard limit following it, QEMU's overhead included;
