@@ -1,6 +1,8 @@
-"""`vmiso bench launch -n 2 --json` end to end: the result object's keys, and every launch's
-marks positive and in the order a launch goes through them (no timing asserts)."""
+"""`vmiso bench launch -n 2 --json` end to end, on micro and in a container image: the result
+object's keys, and every launch's marks positive and in the order a launch goes through them
+(no timing asserts)."""
 import json
+import os
 
 import pytest
 
@@ -32,3 +34,25 @@ def test_bench_launch_json(workdir, tmp_path):
     svg = plot.read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert svg.count(">vmiso 1</text>") == 1 and svg.count(">vmiso 2</text>") == 1  # one bar a launch
+
+
+@pytest.mark.oci
+def test_bench_launch_in_a_container_image(workdir):
+    """The same marks for a task in a container image: micro's init and wrapper print them there
+    too (VMISO-TASK-START once the image's root is mounted); no prototype path for it."""
+    from vmiso.image.oci import importer
+    from vmiso.testing import oci
+
+    image = "vmiso-test/busybox:1"
+    importer.import_path(workdir, f"{oci.busybox_image(os.path.join(workdir, 'cache', 'testimages'))}:1",
+                         names=[image])
+    proc = vmiso_cli("bench", "launch", "-n", "2", "--json", "--image", image, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["n"] == 2 and result["failures"] == 0 and result["image"] == image
+    assert result["kernel"].startswith("lean ")
+    for launch in result["launches"]:
+        stamps = [launch[mark] for mark in ORDER]
+        assert all(t > 0 for t in stamps) and stamps == sorted(stamps), launch
+    proc = vmiso_cli("bench", "launch", "-n", "1", "--baseline", "--image", image)
+    assert proc.returncode == 125 and proc.stderr.count(b"\n") == 1 and b"micro only" in proc.stderr, proc.stderr

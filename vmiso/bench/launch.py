@@ -1,5 +1,6 @@
-"""Launch latency: N launches of a command (``true``) on micro through the real Isolator, phase
-by phase, with the Mesos-prototype path (bench/baseline.py) for the same task in the same run.
+"""Launch latency: N launches of a command (``true``) on micro, or in a container image, through
+the real Isolator, phase by phase, with the Mesos-prototype path (bench/baseline.py) for the same
+task in the same run (micro only: the prototype had no container images).
 
 Each vmiso launch records, as time.monotonic() stamps: the Isolator's own steps (its
 ``timeline()``), what the guest prints (bench/marks.py: first console byte, VMISO-USERSPACE,
@@ -15,8 +16,9 @@ import sys
 import threading
 import time
 
-from ..errors import NotFound
+from ..errors import InvalidSpec, NotFound
 from ..image import micro as micro_mod
+from ..image import resolve
 from ..spec import Resources, TaskSpec
 from . import baseline as prototype
 from .marks import MarkWatcher, ProcessExit
@@ -245,19 +247,16 @@ def _pool(jobs, concurrency):
 def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/var/lib/vmiso",
         mem_mib=256, progress=True, isolator=None, image="micro"):
     """Measure; return the result object (see summarize). ``image``: "micro", "micro:lean" or
-    "micro:stock" (the prototype path boots the same kernel)."""
+    "micro:stock" (the prototype path boots the same kernel), or a stored container image's name
+    or id (the task runs in its root under micro's lean kernel; no prototype path)."""
     from ..isolator import Isolator
 
     command = [a if isinstance(a, bytes) else os.fsencode(a) for a in command]
     iso = isolator or Isolator(workdir=workdir, agent_id="vmiso-bench")
+    built = _kernel_image(iso, image, with_baseline)
     show = Progress({"vmiso": n, "baseline": n if with_baseline else 0}, enabled=progress)
     try:
         iso.host.conn()  # connect once, before the first launch is timed
-        flavour = image.partition(":")[2] or None
-        built = micro_mod.find_micro(iso.workdir.root, flavour)  # InvalidSpec for an unknown kernel
-        if built is None:
-            raise NotFound("image", f"{image} (build it once with 'vmiso image build-micro"
-                                    f"{' --kernel ' + flavour if flavour else ''}')")
         vm_job = _job(lambda: vmiso_once(iso, command, mem_mib, image), "vmiso", show)
         base_job = None
         if with_baseline:
@@ -284,6 +283,23 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
     result.update(image=image, kernel=f"{built.kernel_flavour} {built.kernel_version}",
                   cpu_probe="quick" if iso.cpu_probe().quick else "full")
     return result
+
+
+def _kernel_image(iso, image, with_baseline):
+    """The micro build whose kernel ``image`` boots (NotFound, InvalidSpec as a launch would say)."""
+    if image == "micro" or image.startswith("micro:"):
+        flavour = image.partition(":")[2] or None
+        built = micro_mod.find_micro(iso.workdir.root, flavour)  # InvalidSpec for an unknown kernel
+        if built is None:
+            raise NotFound("image", f"{image} (build it once with 'vmiso image build-micro"
+                                    f"{' --kernel ' + flavour if flavour else ''}')")
+        return built
+    if resolve.resolve(iso.workdir, image, allow_paths=False).container is None:
+        raise InvalidSpec("image", f"{image} is neither micro nor a container image (bench launch boots those)")
+    if with_baseline:
+        raise InvalidSpec("baseline", "the prototype path boots micro only: compare a container image with "
+                                      "micro in one run with 'vmiso bench image'")
+    return micro_mod.find_micro(iso.workdir.root, "lean")  # resolve found it: a container image boots it
 
 
 def _job(fn, kind, progress):

@@ -8,9 +8,10 @@ def register(sub):
     p = sub.add_parser("bench", help="measure vmiso's hot paths against their baselines")
     bsub = p.add_subparsers(dest="bench_command", metavar="SCENARIO")
     bsub.required = True
-    from . import bench_io, bench_launch, stats  # each scenario's module adds its own sub-subcommand
+    from . import bench_image, bench_io, bench_launch, stats  # each scenario's module adds its own sub-subcommand
 
-    for add in (_register_qcow2, stats.register_bench, bench_launch.register_bench, bench_io.register_bench):
+    for add in (_register_qcow2, stats.register_bench, bench_launch.register_bench, bench_io.register_bench,
+                bench_image.register_bench):
         add(bsub)
 
 

@@ -7,7 +7,8 @@ def register_bench(bsub):
 
     p = bsub.add_parser(
         "launch", help="launch latency, phase by phase (and the 2016 prototype path with --baseline)",
-        description="Run N launches of a command (default: true) on micro through the real Isolator and "
+        description="Run N launches of a command (default: true) on micro (or in a container image) through "
+                    "the real Isolator and "
                     "report the median and p90 of every phase: host preparation (image, overlay, seed, XML), "
                     "createXML, first console byte, guest userspace, task start and exit, VM gone, cleaned "
                     "up. --baseline alternates them with the Mesos prototype's path (whole-disk copy of a "
@@ -21,8 +22,9 @@ def register_bench(bsub):
     p.add_argument("--json", action="store_true", help="print the result object as JSON")
     p.add_argument("--plot", metavar="FILE.svg", help="write a waterfall of every launch's phases")
     p.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest memory (default 256)")
-    p.add_argument("--image", default="micro", choices=("micro", "micro:lean", "micro:stock"),
-                   help="the micro build to boot (default micro; micro:stock compares Debian's kernel)")
+    p.add_argument("--image", default="micro", metavar="micro|micro:stock|NAME|ID",
+                   help="the micro build to boot (default micro; micro:stock compares Debian's kernel), or a "
+                        "stored container image: the task runs in its root (no --baseline)")
     p.add_argument("--command", nargs="+", default=["true"], metavar="ARG",
                    help="the task's command (default: true)")
     p.set_defaults(func=launch)

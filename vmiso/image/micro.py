@@ -387,19 +387,21 @@ def _install(micro, staged, key, replace):
 
 
 def build_micro(workdir, progress=print, force=False, kernel=DEFAULT_KERNEL, make_default=True,
-                kernel_cache=None):
+                kernel_cache=None, debs_cache=None):
     """Build (or find) the micro image for the current Debian packages; return its MicroImage.
 
     ``kernel``: "lean" (compiled from linux-source once, see lean.py) or "stock" (Debian's cloud
     kernel and an initramfs). The image becomes the current one of its flavour and, with
     ``make_default``, what the image name "micro" boots. ``kernel_cache``: where lean kernels
-    are kept (default ``<workdir>/cache/kernel``; one cache can serve several work dirs).
+    are kept (default ``<workdir>/cache/kernel``; one cache can serve several work dirs), and
+    ``debs_cache`` the Debian packages (default ``<workdir>/cache/debs``).
 
     Cheap when nothing changed: apt's lists say which package versions are current, the cached
     .deb files are hashed, and an existing image with that key is returned as it is.
     """
     check_kernel(kernel)
     cache, micro = _ensure_dirs(workdir)
+    cache = Path(debs_cache) if debs_cache is not None else cache
     debs_found = {name: debs.fetch(record, cache, progress) for name, record in _resolve(cache, kernel).items()}
     built_kernel = None
     if kernel == "lean":
