@@ -11,3 +11,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "system" in item.keywords or "netns" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A fresh work directory with images/ and containers/ (made without root)."""
+    root = tmp_path / "work"
+    (root / "images").mkdir(parents=True)
+    (root / "containers").mkdir()
+    return root

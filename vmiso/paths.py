@@ -40,24 +40,26 @@ KERNEL = "vmlinux"          # a local user's container: its own copy of the kern
 INITRD = "initrd.img"
 
 
-def qemu_gid():
-    """The primary group of the user libvirt runs QEMU as, or None when there is none."""
+def _qemu_user():
+    """The passwd entry of the user libvirt runs QEMU as, or None when there is none."""
     for user in QEMU_USERS:
         try:
-            return pwd.getpwnam(user).pw_gid
+            return pwd.getpwnam(user)
         except KeyError:
             continue
     return None
+
+
+def qemu_gid():
+    """The primary group of the user libvirt runs QEMU as, or None when there is none."""
+    entry = _qemu_user()
+    return entry.pw_gid if entry else None
 
 
 def qemu_uid():
     """The user libvirt runs QEMU as, or None when there is none."""
-    for user in QEMU_USERS:
-        try:
-            return pwd.getpwnam(user).pw_uid
-        except KeyError:
-            continue
-    return None
+    entry = _qemu_user()
+    return entry.pw_uid if entry else None
 
 
 # POSIX ACL as the kernel stores it in "system.posix_acl_access": a version, then (tag, perm,

@@ -72,3 +72,14 @@ def lan(workdir):
             subprocess.run(["ip", "link", "del", veth], capture_output=True)
             api.delete_bridge(workdir, bridge, force=True)
             ipam.Store(workdir).drop_plan(bridge)
+
+
+def wait_for_stdout(iso, cid, needle):
+    """The task's stdout once ``needle`` appeared in it (chunks may split it); AssertionError
+    with what came if the task ended first."""
+    seen = b""
+    for stream, data in iso.output(cid):
+        seen += data if stream == "stdout" else b""
+        if needle in seen:
+            return seen
+    raise AssertionError(f"{needle!r} never came; stdout: {seen!r}")

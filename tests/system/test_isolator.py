@@ -6,6 +6,8 @@ import pytest
 
 from vmiso import AlreadyExists, LaunchFailed, NotFound, Resources, TaskSpec, Timeout
 
+from .conftest import wait_for_stdout
+
 pytestmark = pytest.mark.system
 
 
@@ -68,15 +70,6 @@ def test_failed_launch_leaves_nothing(iso, cid, point, monkeypatch):
     iso.destroy(cid)
 
 
-def _wait_for_stdout(iso, cid, needle):
-    seen = b""
-    for stream, data in iso.output(cid):
-        seen += data if stream == "stdout" else b""
-        if needle in seen:
-            return seen
-    raise AssertionError(f"{needle!r} never came; stdout: {seen!r}")
-
-
 def test_quick_cpu_probe_changes_nothing_the_guest_sees(workdir, cid):
     """virt/cpuprobe.py: libvirt keeps the capability removal in the live XML, and a guest started
     with the quick probe sees the same CPU flags as one started with libvirt's full probe."""
@@ -97,7 +90,7 @@ def test_quick_cpu_probe_changes_nothing_the_guest_sees(workdir, cid):
             ns = domain.QEMU_NS
             dels = [el.get("capability") for el in live.findall(f"{{{ns}}}capabilities/{{{ns}}}del")]
             assert dels == ([cpuprobe.CAPABILITY] if wanted == "quick" else [])
-            seen[wanted] = _wait_for_stdout(iso, name, b"\n")
+            seen[wanted] = wait_for_stdout(iso, name, b"\n")
             iso.destroy(name, grace=0)
         finally:
             iso.host.close()
@@ -109,7 +102,7 @@ def test_kill_asks_the_task_to_stop_with_sigterm_first(iso, cid):
     """kill(grace) writes a stop request into the task channel; the wrapper sends SIGTERM to the
     task, which ends on its own terms: killed, with the status it chose and its last words."""
     iso.launch(cid, TaskSpec.shell('trap "echo got-term; exit 7" TERM; echo ready; while :; do sleep 1; done'))
-    _wait_for_stdout(iso, cid, b"ready\n")
+    wait_for_stdout(iso, cid, b"ready\n")
     termination = iso.kill(cid, grace=60)
     assert (termination.state, termination.reason, termination.exit_code) == ("KILLED", "destroyed", 7)
     with open(os.path.join(iso.workdir.containers, cid, "stdout"), "rb") as f:
@@ -119,7 +112,7 @@ def test_kill_asks_the_task_to_stop_with_sigterm_first(iso, cid):
 
 def test_kill_of_a_task_that_ignores_sigterm_stops_the_vm_after_the_grace(iso, cid):
     iso.launch(cid, TaskSpec.shell('trap "" TERM; echo ready; while :; do sleep 1; done'))
-    _wait_for_stdout(iso, cid, b"ready\n")
+    wait_for_stdout(iso, cid, b"ready\n")
     termination = iso.kill(cid, grace=2)
     assert (termination.state, termination.reason, termination.exit_code) == ("KILLED", "destroyed", None)
     iso.destroy(cid)

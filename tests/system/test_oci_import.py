@@ -27,14 +27,6 @@ D = "dir"
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
 
 
-@pytest.fixture
-def work(tmp_path):
-    root = tmp_path / "work"
-    (root / "images").mkdir(parents=True)
-    (root / "containers").mkdir()
-    return root
-
-
 def everything():
     """Layers using every OCI semantic vmiso applies."""
     return [

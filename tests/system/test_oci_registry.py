@@ -33,14 +33,6 @@ def busybox():
     return oci.busybox_image(IMAGE_CACHE)
 
 
-@pytest.fixture
-def work(tmp_path):
-    root = tmp_path / "work"
-    (root / "images").mkdir(parents=True)
-    (root / "containers").mkdir()
-    return root
-
-
 def cli(work, *args, **kw):
     return subprocess.run([sys.executable, "-m", "vmiso", "--workdir", str(work), "image", *args],
                           capture_output=True, text=True, timeout=600, **kw)

@@ -20,7 +20,7 @@ import pytest
 from vmiso import Isolator, NoDiskSpace, NotOwned, TaskSpec
 from vmiso.image import seed
 
-from .conftest import vmiso_cli
+from .conftest import vmiso_cli, wait_for_stdout
 
 pytestmark = pytest.mark.system
 
@@ -32,15 +32,6 @@ def files_of(directory):
     """{name: (size, mtime_ns)} of every file in ``directory``."""
     return {name: (os.lstat(os.path.join(directory, name)).st_size,
                    os.lstat(os.path.join(directory, name)).st_mtime_ns) for name in os.listdir(directory)}
-
-
-def wait_for_stdout(iso, cid, needle):
-    seen = b""
-    for stream, data in iso.output(cid):
-        seen += data if stream == "stdout" else b""
-        if needle in seen:
-            return seen
-    raise AssertionError(f"{needle!r} never came; stdout: {seen!r}")
 
 
 def test_another_agents_task_survives_every_command(workdir, cid):

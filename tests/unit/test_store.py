@@ -40,15 +40,6 @@ def sha256(path):
 
 
 @pytest.fixture
-def work(tmp_path):
-    """A work directory whose images/ exists (so no root is needed to make it)."""
-    root = tmp_path / "work"
-    (root / "images").mkdir(parents=True)
-    (root / "containers").mkdir()
-    return root
-
-
-@pytest.fixture
 def base(tmp_path):
     return make_qcow2(tmp_path / "base.qcow2", data="write -P 0x5a 0 64k")
 
