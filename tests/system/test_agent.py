@@ -15,12 +15,15 @@ import time
 
 import pytest
 
-from vmiso.testing.agentd import agent_workdir, running_agent, wait_until_serving
+from vmiso.testing.agentd import agent_workdir, running_agent, start_agent, wait_until_serving
 
 pytestmark = pytest.mark.system
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIENT = "/opt/vmiso/bin/vmiso"
+# Its own agent id: libvirt's domains are global, and a recover() of another work dir with the same
+# id (the CLI's default "vmiso", run by anyone meanwhile) would destroy this agent's VMs as orphans.
+AGENT_ID = "vmiso-agenttest-" + secrets.token_hex(3)
 POLICY = 'group = "vmiso"\nimages = ["micro"]\n[limits]\ncontainers = 3\ncpus = 3\nmem_mib = 1024\n'
 
 
@@ -74,7 +77,7 @@ def env(workdir, users):
         os.chmod(sockdir, 0o755)
         e = Env(wd, sockdir)
         try:
-            with running_agent(wd, e.socket, POLICY, log_path=e.log) as proc:
+            with running_agent(wd, e.socket, POLICY, log_path=e.log, agent_id=AGENT_ID) as proc:
                 e.proc = proc
                 yield e
                 if e.proc is not proc:  # restarted by a test: stop that one
@@ -88,7 +91,7 @@ def env(workdir, users):
 def _destroy_everything(wd):
     from vmiso import Isolator
 
-    iso = Isolator(workdir=wd)
+    iso = Isolator(workdir=wd, agent_id=AGENT_ID)
     try:
         iso.recover()
         for cid in iso.containers():
@@ -121,7 +124,7 @@ def test_root_commands_go_through_the_agent(env):
     assert (proc.stdout, proc.stderr) == (b"out\n", b"err\n")
     assert env.as_root("run", "-d", "--name", "r2", "--", "sh", "-c", "echo hello; sleep 30").returncode == 0
     [status] = json.loads(env.as_root("ps", "--json").stdout)
-    assert (status["container_id"], status["owner"], status["uid"]) == ("r2", "vmiso", None)
+    assert (status["container_id"], status["owner"], status["uid"]) == ("r2", AGENT_ID, None)
     deadline = time.monotonic() + 60
     while b"hello" not in env.as_root("logs", "--task", "r2").stdout:  # the guest is booting meanwhile
         assert time.monotonic() < deadline, "r2 printed nothing within 60 s"
@@ -265,9 +268,8 @@ def test_the_agent_survives_sigkill_and_owners_still_wait(env, users):
     down = env.as_user(a, "ps")
     assert down.returncode == 125 and b"no vmiso agent answers" in down.stderr
     with open(env.log, "ab") as log:
-        env.proc = subprocess.Popen([sys.executable, "-m", "vmiso", "--workdir", env.workdir, "agent", "--socket",
-                                     env.socket, "--policy", os.path.join(os.path.dirname(env.socket), "policy.toml")],
-                                    stdout=log, stderr=log, start_new_session=True)
+        env.proc = start_agent(env.workdir, env.socket, os.path.join(os.path.dirname(env.socket), "policy.toml"),
+                               log, AGENT_ID)
     wait_until_serving(env.proc, env.socket)
     [status] = json.loads(env.as_user(a, "ps", "--json").stdout)
     assert (status["container_id"], status["state"]) == ("a-kept", "RUNNING")

@@ -45,6 +45,8 @@ PER_USER_ACTIVE = 64
 IDLE_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 LIVENESS_S = 1.0   # how often a long request looks whether its client is still there
+LINGER_S = 1.0     # after the answer: how long, and how much, of a client's unread input is drained
+LINGER_BYTES = 1 << 20
 
 
 class Agent:
@@ -160,6 +162,7 @@ class Agent:
         try:
             conn.setblocking(True)
             Handler(conn, peer, self)
+            _linger(conn)
         except Exception:  # a handler's own failures are answered inside; this is the socket's
             log.debug("connection of uid %s", peer.uid, exc_info=True)
         finally:
@@ -210,6 +213,24 @@ class Agent:
     def user_lock(self, uid):
         with self._lock:
             return self._user_locks.setdefault(uid, threading.Lock())
+
+
+def _linger(conn):
+    """Close gently: a socket closed with unread input resets the connection, and the client may
+    lose the answer (an error about the very body it is still sending). Read and drop what the
+    client still sends, at most LINGER_BYTES for LINGER_S, after our side is shut down."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(LINGER_S)
+        deadline = time.monotonic() + LINGER_S
+        left = LINGER_BYTES
+        while left > 0 and time.monotonic() < deadline:
+            data = conn.recv(min(left, 65536))
+            if not data:
+                return
+            left -= len(data)
+    except OSError:
+        pass
 
 
 class _RefLock:

@@ -51,15 +51,16 @@ def answers(socket_path):
 
 
 @contextlib.contextmanager
-def running_agent(workdir, socket_path, policy_text=None, log_path=None, extra_args=()):
-    """``vmiso agent`` serving ``workdir`` on ``socket_path`` (policy from ``policy_text``, TOML);
-    yields the Popen. Stopped with SIGTERM after (its VMs are left: the test removes them)."""
+def running_agent(workdir, socket_path, policy_text=None, log_path=None, agent_id="vmiso"):
+    """``vmiso agent`` serving ``workdir`` on ``socket_path`` (policy from ``policy_text``, TOML)
+    as ``agent_id``; yields the Popen. Stopped with SIGTERM after (its VMs are left: the test
+    removes them). Give tests an agent id of their own: domains are global to libvirt, and a
+    recover() in another work dir with the same agent id destroys them as its orphans."""
     policy = os.path.join(os.path.dirname(socket_path), "policy.toml")
     with open(policy, "w") as f:
         f.write(policy_text or "")
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "vmiso", "--workdir", workdir, "agent", "--socket", socket_path,
-                             "--policy", policy, *extra_args], stdout=log, stderr=log, start_new_session=True)
+    proc = start_agent(workdir, socket_path, policy, log, agent_id)
     try:
         wait_until_serving(proc, socket_path)
         yield proc
@@ -72,6 +73,13 @@ def running_agent(workdir, socket_path, policy_text=None, log_path=None, extra_a
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+def start_agent(workdir, socket_path, policy_path, log, agent_id="vmiso"):
+    """The agent's process (not waited for: wait_until_serving)."""
+    return subprocess.Popen([sys.executable, "-m", "vmiso", "--workdir", workdir, "--agent-id", agent_id, "agent",
+                             "--socket", socket_path, "--policy", policy_path], stdout=log, stderr=log,
+                            start_new_session=True)
 
 
 def wait_until_serving(proc, socket_path):
