@@ -188,7 +188,9 @@ class Isolator:
             if task.user is not None:
                 address = c.checkpoint.extra["ip"].split("/")[0] if "ip" in c.checkpoint.extra else None
                 uid_in_image, gid_in_image, groups_in_image = task.user
-                oci = seed.oci_line(uid_in_image, gid_in_image, groups_in_image, hostname, address)
+                dns = (network_config or {}).get("ethernets", {}).get("eth0", {}).get("nameservers", {})
+                oci = seed.oci_line(uid_in_image, gid_in_image, groups_in_image, hostname, address,
+                                    dns.get("addresses", ()))
             files = seed.seed_files(instance_id=str(uuid.uuid4()), hostname=hostname,
                                     argv=task.argv, env=task.env, nonce=checkpoint.nonce,
                                     data_files=_data_files(shares, spec),

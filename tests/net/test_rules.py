@@ -241,3 +241,25 @@ def test_importing_vmiso_net_imports_no_pyroute2():
     code = ("import sys, vmiso, vmiso.spec, vmiso.net.port, vmiso.net.api; "
             "vmiso.spec.NetworkSpec('br0'); assert 'pyroute2' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_plan_names_dns_servers_and_the_seed_carries_them(tmp_path):
+    """A bridge's name servers (vmiso net bridge create --dns) reach the guest: network-config's
+    nameservers (micro's /etc/resolv.conf) and a container image's oci line (vmiso-exec's)."""
+    from vmiso.image import seed
+
+    store = ipam.Store(tmp_path)
+    assert store.set_plan("br0", subnet="10.6.0.0/24", dns=["10.6.0.1", "10.6.0.53"])["dns"] == ["10.6.0.1",
+                                                                                                  "10.6.0.53"]
+    assert store.set_plan("br0", tenant_ip=False)["dns"] == ["10.6.0.1", "10.6.0.53"]  # None keeps them
+    for bad in (["10.6.0.256"], ["a.b.c.d"], "10.6.0.1", ["10.0.0.1"] * 4):
+        with pytest.raises(InvalidSpec):
+            store.set_plan("br0", dns=bad)
+    assert store.set_plan("br0", dns=[]).get("dns") == []
+    lease = {"mac": "02:00:00:00:00:09", "ip": "10.6.0.9/24", "mtu": 1500, "dns": ["10.6.0.1"]}
+    config = port.network_config(lease)
+    assert config["ethernets"]["eth0"]["nameservers"] == {"addresses": ["10.6.0.1"]}
+    assert "nameservers" not in port.network_config(dict(lease, dns=[]))["ethernets"]["eth0"]
+    assert seed.oci_line(1000, 1000, (27,), "t-1", "10.6.0.9", ["10.6.0.1", "10.6.0.2"]) == \
+        b"1000 1000 27 t-1 10.6.0.9 10.6.0.1,10.6.0.2\n"
+    assert seed.oci_line(0, 0, (), "t-1") == b"0 0 - t-1 - -\n"

@@ -165,3 +165,23 @@ def test_the_tree_inside_the_vm_is_what_umoci_unpacks(workdir, cid, tmp_path):
         seen = {p: v for p, v in seen.items() if p != replaced and not p.startswith(replaced + "/")}
     differ = {p: (seen.get(p), v) for p, v in expected.items() if seen.get(p) != v}
     assert not differ and set(seen) == set(expected), (differ, sorted(set(seen) - set(expected)))
+
+
+def test_a_networked_task_gets_its_name_servers_and_address(busybox, iso, cid, lan):
+    """The bridge's plan names a name server: micro's /etc/resolv.conf and a container image's get
+    it (the image's through vmiso-exec, inside its root); the image's /etc/hosts has the address."""
+    from vmiso import NetworkSpec
+    from vmiso.net import ipam
+
+    bridge, prefix, _ns = lan
+    ipam.Store(iso.workdir.root).set_plan(bridge, dns=[prefix + "1"])
+    seen = {}
+    for name, image in (("micro", "micro"), ("image", busybox)):
+        iso.launch(cid + name[0], TaskSpec(["sh", "-c", "cat /etc/resolv.conf /etc/hosts"], image=image,
+                                           network=NetworkSpec(bridge)))
+        seen[name] = b"".join(d for s, d in iso.output(cid + name[0]) if s == "stdout").decode()
+        address = iso.status(cid + name[0]).ip.split("/")[0]
+        assert iso.wait(cid + name[0]).exit_code == 0
+        iso.destroy(cid + name[0])
+        assert f"nameserver {prefix}1\n" in seen[name], seen
+    assert f"{address}\t{cid}i\n" in seen["image"], seen

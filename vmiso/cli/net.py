@@ -35,6 +35,8 @@ def register(sub):
                         "new plan, unchanged on an existing one")
     c.add_argument("--tenant-mac", action=argparse.BooleanOptionalAction, default=None,
                    help="whether a task may ask for its own MAC (--network ...,mac=); default as --tenant-ip")
+    c.add_argument("--dns", metavar="A.B.C.D[,...]",
+                   help="name servers guests on this bridge are told of (their /etc/resolv.conf); '' for none")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=bridge_create)
     d = bsub.add_parser("delete", help="delete a bridge (refused while guests are on it)")
@@ -75,7 +77,7 @@ def _print(obj, as_json):
               f"subnet {bridge['subnet'] or '-'}, ports {ports}")
         if bridge["managed"]:
             print(f"  plan: isolated ports {_yes(bridge['isolated_ports'])}, tenant ip= {_yes(bridge['tenant_ip'])}, "
-                  f"tenant mac= {_yes(bridge['tenant_mac'])}")
+                  f"tenant mac= {_yes(bridge['tenant_mac'])}, dns {' '.join(bridge['dns']) or '-'}")
         else:
             print("  no plan: not vmiso's (tasks cannot use it until 'vmiso net bridge create' adopts it)")
         for cid, lease in bridge["leases"].items():
@@ -91,7 +93,8 @@ def bridge_create(args):
 
     _print(api.create_bridge(args.workdir, args.name, mtu=args.mtu, vlan_filtering=args.vlan_filtering,
                              address=args.address, subnet=args.subnet, isolated_ports=args.isolated_ports,
-                             tenant_ip=args.tenant_ip, tenant_mac=args.tenant_mac),
+                             tenant_ip=args.tenant_ip, tenant_mac=args.tenant_mac,
+                             dns=None if args.dns is None else [s for s in args.dns.split(",") if s]),
            args.json)
 
 

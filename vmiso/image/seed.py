@@ -13,8 +13,9 @@ Contents (the guest contract, docs/guest-contract.md):
   vmiso/nonce      the launch's random marker for the exit line
   vmiso/volumes    host directories to mount: "TAG ro|rw BASE64(GUEST)" a line (virt/volumes.py)
   vmiso/stdin      present when the task's stdin is the virtio-serial port named in it
-  vmiso/oci        a container image's task only: "UID GID GROUPS HOSTNAME ADDRESS" (numbers,
-                   GROUPS comma-separated or "-", ADDRESS an IPv4 address or "-"), checked here
+  vmiso/oci        a container image's task only: "UID GID GROUPS HOSTNAME ADDRESS DNS" (numbers,
+                   GROUPS comma-separated or "-", ADDRESS an IPv4 address or "-", DNS the name
+                   servers' IPv4 addresses comma-separated or "-"), checked here
 
 Everything user-supplied is base64 inside JSON, so nothing the user types can change the shape
 of the YAML, the shell or the ISO.
@@ -47,7 +48,7 @@ def _as_bytes(value):
     return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
-def oci_line(uid, gid, groups, hostname, address=None):
+def oci_line(uid, gid, groups, hostname, address=None, dns=()):
     """The ``oci`` file: who the task runs as inside its image, and its host name and address.
     Plain text the wrapper splits on spaces, so every value is checked to hold none."""
     ids = [uid, gid, *groups]
@@ -57,7 +58,8 @@ def oci_line(uid, gid, groups, hostname, address=None):
         raise ImageError("oci", f"{hostname!r} is not a host name")
     address = str(ipaddress.IPv4Address(address)) if address else "-"
     group_list = ",".join(str(g) for g in groups) or "-"
-    return f"{uid} {gid} {group_list} {hostname} {address}\n".encode("ascii")
+    servers = ",".join(str(ipaddress.IPv4Address(s)) for s in dns) or "-"
+    return f"{uid} {gid} {group_list} {hostname} {address} {servers}\n".encode("ascii")
 
 
 def task_files(argv, env, nonce, workdir=None, oci=None):

@@ -13,7 +13,7 @@ from . import addr, bridge, ipam
 
 
 def create_bridge(workdir, name, *, mtu=None, vlan_filtering=False, address=None, subnet=None,
-                  isolated_ports=None, tenant_ip=None, tenant_mac=None):
+                  isolated_ports=None, tenant_ip=None, tenant_mac=None, dns=None):
     """Ensure bridge ``name`` and its plan. ``address`` (A.B.C.D/NN) goes on the bridge and its
     subnet becomes the plan's unless ``subnet`` says otherwise; the address is never leased.
     ``tenant_ip``/``tenant_mac`` False: a task may not ask for its own address/MAC here. None
@@ -30,7 +30,7 @@ def create_bridge(workdir, name, *, mtu=None, vlan_filtering=False, address=None
     info = bridge.ensure(name, mtu=mtu, vlan_filtering=vlan_filtering,
                          address=str(iface) if iface else None)
     store.set_plan(name, subnet=str(net) if net else None, gateway=str(iface.ip) if iface else None,
-                   isolated_ports=isolated_ports, tenant_ip=tenant_ip, tenant_mac=tenant_mac)
+                   isolated_ports=isolated_ports, tenant_ip=tenant_ip, tenant_mac=tenant_mac, dns=dns)
     return _with_plan(info, store)
 
 
@@ -65,6 +65,7 @@ def _with_plan(info, store):
     info["subnet"] = plan.get("subnet")
     info["gateway"] = plan.get("gateway")
     info["isolated_ports"] = bool(plan.get("isolated_ports", False))
+    info["dns"] = list(plan.get("dns", []))
     for key in ("tenant_ip", "tenant_mac"):
         info[key] = bool(plan.get(key, True)) if info["managed"] else None
     info["leases"] = {cid: {k: v for k, v in lease.items() if k != "bridge"}

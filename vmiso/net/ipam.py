@@ -71,11 +71,13 @@ class Store:
 
     # --- plans ----------------------------------------------------------------------------------
     def set_plan(self, bridge, *, subnet=None, gateway=None, isolated_ports=None, tenant_ip=None,
-                 tenant_mac=None):
+                 tenant_mac=None, dns=None):
         """Declare (or change) a bridge's plan; None leaves a field as it is (a new plan: no
-        subnet, ports not isolated, tenants may ask for an address and a MAC). A subnet that
-        would strand a lease is refused."""
+        subnet, ports not isolated, tenants may ask for an address and a MAC, no DNS servers).
+        ``dns``: the name servers guests on it are told of (IPv4 addresses; [] for none). A
+        subnet that would strand a lease is refused."""
         addr.validate_ifname(bridge, "bridge")
+        servers = [str(ipaddress.IPv4Address(s)) for s in _addresses(dns, "dns")] if dns is not None else None
         net = addr.parse_subnet(subnet) if subnet is not None else None
         gw = ipaddress.IPv4Address(gateway) if gateway is not None else None
         if net is not None and gw is not None and gw not in net:
@@ -93,6 +95,8 @@ class Store:
                                ("tenant_mac", tenant_mac)):
                 if value is not None:
                     plan[key] = bool(value)
+            if servers is not None:
+                plan["dns"] = servers
             data["plans"][bridge] = plan
             return dict(plan)
 
@@ -224,3 +228,16 @@ def _choose_mac(bridge, plan, owner, requested, used):
         if mac not in used and addr.tap_mac(mac) not in used:
             return mac
     raise NetworkError(f"no free MAC address for {owner} after {MAX_MAC_ATTEMPTS} tries")
+
+
+MAX_DNS_SERVERS = 3  # what resolv.conf's resolver reads (MAXNS)
+
+
+def _addresses(values, field):
+    """The IPv4 addresses in ``values`` (a list), checked; InvalidSpec otherwise."""
+    if isinstance(values, str) or len(values) > MAX_DNS_SERVERS:
+        raise InvalidSpec(field, f"must be a list of at most {MAX_DNS_SERVERS} IPv4 addresses")
+    try:
+        return [ipaddress.IPv4Address(v) for v in values]
+    except (ipaddress.AddressValueError, ValueError) as err:
+        raise InvalidSpec(field, str(err)) from err

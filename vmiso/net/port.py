@@ -42,6 +42,7 @@ def plan(workdir, container_id, spec):
     lease = store.allocate(container_id, spec.bridge, ip=spec.ip, mac=spec.mac, tap=name,
                            taken_macs=tap.host_macs(), reserved_ips=own)
     lease["mtu"] = bridge_link.get("IFLA_MTU")
+    lease["dns"] = (store.plan(spec.bridge) or {}).get("dns", [])
     return lease
 
 
@@ -63,6 +64,8 @@ def network_config(lease):
     eth = {"match": {"macaddress": lease["mac"]}, "set-name": "eth0", "addresses": [lease["ip"]]}
     if lease.get("mtu"):
         eth["mtu"] = lease["mtu"]
+    if lease.get("dns"):
+        eth["nameservers"] = {"addresses": list(lease["dns"])}
     return {"version": 2, "ethernets": {"eth0": eth}}
 
 

@@ -32,7 +32,7 @@ image_root=
 set --
 if [ -s "$d/oci" ]; then
   image_root=/run/vmiso/root
-  IFS=' ' read -r uid gid groups host address <"$d/oci"
+  IFS=' ' read -r uid gid groups host address dns <"$d/oci"
 else
   if [ -s "$d/workdir" ]; then decode "$(cat "$d/workdir")"; workdir=$v; fi
   while IFS= read -r line; do decode "$line"; set -- "$@" "$v"; done < "$d/env"
@@ -86,7 +86,7 @@ fi
 if [ "$ready" = yes ] && mount_volumes "$image_root" && cd "$workdir" 2>"$err"; then
   echo VMISO-TASK-START >/dev/ttyS0 2>/dev/null  # the host's "task started" marker (vmiso bench)
   if [ -n "$image_root" ]; then
-    /usr/lib/vmiso/vmiso-exec "$d" "$image_root" "$pidfile" "$uid" "$gid" "$groups" "$host" "$address" \
+    /usr/lib/vmiso/vmiso-exec "$d" "$image_root" "$pidfile" "$uid" "$gid" "$groups" "$host" "$address" "$dns" \
       <"$stdin" >"$out" 2>"$err"
   else
     # $$ and "$@" belong to the inner shell, which uses no variable of its own: it exports the

@@ -1,7 +1,7 @@
 /*
  * vmiso-exec: the last step of the guest wrapper for a task in a container image.
  *
- *   vmiso-exec TASKDIR ROOT PIDFILE UID GID GROUPS HOSTNAME ADDRESS
+ *   vmiso-exec TASKDIR ROOT PIDFILE UID GID GROUPS HOSTNAME ADDRESS DNS
  *
  * Runs as root in the micro guest, with the image's root file system mounted at ROOT. TASKDIR is
  * the seed's task directory: it reads the task's argv, environment and working directory from
@@ -14,7 +14,8 @@
  * (supplementary GROUPS: comma-separated numbers, or "-" for none), changes to the working
  * directory (created, as root, if missing) and execs the argv with exactly the task's
  * environment (HOSTNAME added when it has none, as docker does; nothing of the wrapper's),
- * finding the command in the task's PATH. ADDRESS is the guest's IPv4 address, or "-".
+ * finding the command in the task's PATH. ADDRESS is the guest's IPv4 address, or "-";
+ * DNS its name servers for /etc/resolv.conf (comma-separated), or "-" to keep the image's file.
  *
  * Exit status when the task cannot be started (as docker's): 126 it could not be set up or
  * executed, 127 the command was not found. Compiled static by vmiso's micro build; nothing here
@@ -100,7 +101,24 @@ static void write_file(const char *path, const char *text)
         die(126, "cannot write", path);
 }
 
-static void runtime_files(const char *hostname, const char *address)
+/* /etc/resolv.conf from DNS ("A.B.C.D,..." or "-": the image's own file stays). */
+static void resolv_conf(const char *dns)
+{
+    if (!strcmp(dns, "-"))
+        return;
+    char text[256] = "", line[40];
+    char copy[128];
+    if (strlen(dns) >= sizeof copy || strspn(dns, "0123456789.,") != strlen(dns))
+        fail("not name server addresses:", dns);
+    strcpy(copy, dns);
+    for (char *server = strtok(copy, ","); server; server = strtok(NULL, ",")) {
+        snprintf(line, sizeof line, "nameserver %s\n", server);
+        strncat(text, line, sizeof text - strlen(text) - 1);
+    }
+    write_file("/etc/resolv.conf", text);
+}
+
+static void runtime_files(const char *hostname, const char *address, const char *dns)
 {
     const unsigned long nodev = MS_NOSUID | MS_NODEV, noexec = MS_NOSUID | MS_NODEV | MS_NOEXEC;
     mount_at("proc", "/proc", noexec, NULL, 0555);
@@ -116,6 +134,7 @@ static void runtime_files(const char *hostname, const char *address)
     snprintf(text, sizeof text, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n",
              strcmp(address, "-") ? address : "127.0.1.1", hostname);
     write_file("/etc/hosts", text);
+    resolv_conf(dns);
 }
 
 static void take_user(const char *uid_text, const char *gid_text, char *groups_text)
@@ -237,8 +256,8 @@ static void write_pid(const char *pidfile)
 
 int main(int argc, char **argv)
 {
-    if (argc != 9)
-        fail("usage:", "TASKDIR ROOT PIDFILE UID GID GROUPS HOSTNAME ADDRESS");
+    if (argc != 10)
+        fail("usage:", "TASKDIR ROOT PIDFILE UID GID GROUPS HOSTNAME ADDRESS DNS");
     const char *taskdir = argv[1], *root = argv[2], *hostname = argv[7];
     char **task_argv = read_task_list(taskdir, "argv", 0);
     char **task_env = read_task_list(taskdir, "env", 1);
@@ -265,7 +284,7 @@ int main(int argc, char **argv)
     write_pid(argv[3]);
     if (chroot(root) || chdir("/"))
         die(126, "cannot enter the image's root", root);
-    runtime_files(hostname, argv[8]);
+    runtime_files(hostname, argv[8], argv[9]);
     if (workdir[0] != '/')
         fail("the working directory is not absolute:", workdir);
     make_dirs(workdir, 0755);
