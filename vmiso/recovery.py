@@ -95,11 +95,24 @@ def _remove_temp_files(directory):
             pass
 
 
+def _same_workdir(iso, record):
+    """The domain was launched from this work dir (records from before vmiso kept the work dir
+    in the metadata name none: they count as this one's, as they always did)."""
+    return record.get("workdir") in (None, str(iso.workdir.root))
+
+
+def _ours(iso, record, container_id=None):
+    """A domain's metadata record names this agent and this work dir (and ``container_id``):
+    only then may recovery stop it. Libvirt's domains are host-wide; work dirs are not."""
+    return bool(record) and record.get("agent") == iso.agent_id and _same_workdir(iso, record) and \
+        (container_id is None or record.get("container") == container_id)
+
+
 def _live_owner(iso, container_id):
-    """The agent id in the metadata of a running domain of ``container_id``, or None."""
+    """The agent id in the metadata of a running domain of this work dir's ``container_id``."""
     for _dom, metadata in iso.host.our_domains(domain_xml.METADATA_NS):
         record = domain_xml.parse_metadata(metadata)
-        if record and record.get("container") == container_id:
+        if record and record.get("container") == container_id and _same_workdir(iso, record):
             return record.get("agent")
     return None
 
@@ -109,7 +122,7 @@ def _clean_unreadable(iso, container_id):
     provably ours, then remove the files."""
     for dom, metadata in iso.host.our_domains(domain_xml.METADATA_NS):
         record = domain_xml.parse_metadata(metadata)
-        if record and record.get("agent") == iso.agent_id and record.get("container") == container_id:
+        if _ours(iso, record, container_id):
             iso.host.destroy(dom)
     iso.workdir.remove_container_dir(container_id)
 
@@ -125,7 +138,7 @@ def _destroy_orphans(iso, report):
         return
     for dom, metadata in domains:
         record = domain_xml.parse_metadata(metadata)
-        if not record or record.get("agent") != iso.agent_id:
+        if not _ours(iso, record):
             continue  # not ours (or not provably ours): never touched, whatever its name
         container_id = record.get("container", "")
         if container_id in known:
@@ -197,5 +210,4 @@ def adopt(iso, container_id):
 
 def _owns(iso, dom, checkpoint):
     record = domain_xml.parse_metadata(iso.host.metadata(dom, domain_xml.METADATA_NS))
-    return bool(record) and record.get("agent") == iso.agent_id and \
-        record.get("container") == checkpoint.container_id
+    return _ours(iso, record, checkpoint.container_id)

@@ -248,3 +248,17 @@ def test_a_users_container_never_boots_a_host_path(iso, base):
     assert not os.path.exists(iso.workdir.container_dir("u2"))
     with pytest.raises(InvalidSpec, match="uid"):
         iso.launch("u3", spec(base), uid=-1)
+
+
+def test_same_agent_id_in_another_work_dir_is_not_an_orphan(tmp_path, host, base):
+    """libvirt's domains are host-wide, work dirs are not: a recover() in work dir B never takes
+    work dir A's running domain for an orphan of its own, even under the same agent id."""
+    a = Isolator(workdir=str(tmp_path / "a"), accel="tcg", agent_id=AGENT, host=host)
+    b = Isolator(workdir=str(tmp_path / "b"), accel="tcg", agent_id=AGENT, host=host)
+    a.launch("c1", spec(base))
+    legacy_meta = host.domains["vmiso-c1"].metadata.replace(str(a.workdir.root), "").replace(
+        "<vmiso:workdir></vmiso:workdir>", "")
+    host.add_foreign("vmiso-legacy", legacy_meta.replace(">c1<", ">legacy<"))  # launched before the work dir was kept
+    report = b.recover()
+    assert report.orphans == ["legacy"]  # no work dir recorded: as before, this agent's orphan
+    assert "vmiso-c1" in host.domains and a.recover().running == ["c1"]
