@@ -24,6 +24,9 @@ def test_bench_launch_json(workdir, tmp_path):
     assert result["n"] == 2 and result["failures"] == 0
     assert result["host_prep_ms"] > 0 and result["to_userspace_s"] > 0 and result["run_true_s"] > 0
     assert result["to_userspace_s"] < result["run_true_s"]
+    # The whole `vmiso run` process for the same task, timed between the in-process launches.
+    assert result["cli_failures"] == 0 and len(result["cli_launches"]) == 2
+    assert result["cli_run_true_s"] > 0 and "cli_overhead_s" in result
     assert all(ms >= 0 for phase, ms in result["phases_ms"].items() if phase not in ("console",))
     for launch in result["launches"]:
         assert launch["ok"]

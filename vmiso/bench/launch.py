@@ -12,6 +12,7 @@ throughput. Results: medians and p90s per phase and end to end, and every launch
 import os
 import secrets
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -88,6 +89,36 @@ def vmiso_once(iso, command, mem_mib=256, image="micro"):
     return out
 
 
+def cli_command(workdir, command, mem_mib=256, image="micro"):
+    """argv of ``vmiso run`` for the same task: the console script beside this interpreter (what a
+    user runs), else ``python -m vmiso``."""
+    script = os.path.join(os.path.dirname(sys.executable), "vmiso")
+    head = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "vmiso"]
+    return head + ["--workdir", str(workdir), "--agent-id", "vmiso-bench", "run", "--mem", str(mem_mib),
+                   "--image", image, "--", *command]
+
+
+def cli_environment():
+    """The environment of the timed ``vmiso run`` processes: this one's, but allowed to write
+    byte-code caches, as an installed vmiso has them (pip compiles on install); a tree edited
+    since its last run would otherwise recompile on every start."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def cli_once(argv, env):
+    """One whole ``vmiso run`` process, fork to exit: {"cli_run": ms, "ok": its exit code was 0}."""
+    started = time.monotonic()
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=env, timeout=WAIT_TIMEOUT_S)
+    ended = time.monotonic()
+    out = {"cli_run": round((ended - started) * 1000, 3), "ok": done.returncode == 0}
+    if done.returncode != 0:
+        out["error"] = done.stderr.decode(errors="replace")[-500:]
+    return out
+
+
 def baseline_once(conn, workdir, base, boot, accel, command, mem_mib=256):
     marks = prototype.once(conn, workdir, base, boot, accel, command, mem_mib)
     # Untimed: the prototype just wrote and deleted a 1 GiB copy. Without this, the file system's
@@ -142,7 +173,7 @@ def _median(values):
     return round(statistics.median(values), 3) if values else None
 
 
-def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1):
+def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1, cli=None):
     medians, p90s, at = _stats(vm, VMISO_MARKS)
     prep = _span(vm, None, "launch:xml")
     userspace = _span(vm, "launch:xml", "userspace")
@@ -159,6 +190,16 @@ def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1):
         "qemu_cpu_to_userspace_s": _median([v.get("qemu_cpu_to_userspace_s") for v in vm]),
         "launches": vm,
     }
+    if cli:
+        whole = [c["cli_run"] for c in cli if c["ok"]]
+        result.update({
+            "cli_failures": sum(not c["ok"] for c in cli),
+            "cli_run_true_s": round(statistics.median(whole) / 1000, 3) if whole else None,
+            "cli_run_true_p90_s": round(p90(whole) / 1000, 3) if whole else None,
+            "cli_launches": cli,
+        })
+        if whole:
+            result["cli_overhead_s"] = round(result["cli_run_true_s"] - result["run_true_s"], 3)
     if wall is not None and concurrency > 1:
         result["wall_s"] = round(wall, 3)
         result["throughput_per_min"] = round(len(vm) / wall * 60, 2)
@@ -189,12 +230,12 @@ class Progress:
 
     def __init__(self, total, stream=sys.stderr, enabled=True):
         self.total, self.stream, self.enabled = total, stream, enabled
-        self.done, self.lock, self.last = {"vmiso": 0, "baseline": 0}, threading.Lock(), ""
+        self.done, self.lock, self.last = {"vmiso": 0, "cli": 0, "baseline": 0}, threading.Lock(), ""
 
     def __call__(self, kind, launch):
         with self.lock:
             self.done[kind] += 1
-            end = launch.get("cleaned" if kind == "vmiso" else "completion")
+            end = launch.get({"vmiso": "cleaned", "cli": "cli_run"}.get(kind, "completion"))
             self.last = f"last {kind} {end / 1000:.2f} s" if end is not None else f"last {kind} FAILED"
             self.show()
 
@@ -245,19 +286,31 @@ def _pool(jobs, concurrency):
 
 
 def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/var/lib/vmiso",
-        mem_mib=256, progress=True, isolator=None, image="micro"):
+        mem_mib=256, progress=True, isolator=None, image="micro", with_cli=True):
     """Measure; return the result object (see summarize). ``image``: "micro", "micro:lean" or
     "micro:stock" (the prototype path boots the same kernel), or a stored container image's name
-    or id (the task runs in its root under micro's lean kernel; no prototype path)."""
+    or id (the task runs in its root under micro's lean kernel; no prototype path).
+    ``with_cli`` (sequential runs only): also time the whole ``vmiso run`` process for the same
+    task, interleaved with the in-process launches (one untimed run first)."""
     from ..isolator import Isolator
 
     command = [a if isinstance(a, bytes) else os.fsencode(a) for a in command]
     iso = isolator or Isolator(workdir=workdir, agent_id="vmiso-bench")
     built = _kernel_image(iso, image, with_baseline)
-    show = Progress({"vmiso": n, "baseline": n if with_baseline else 0}, enabled=progress)
+    with_cli = with_cli and concurrency == 1
+    show = Progress({"vmiso": n, "cli": n if with_cli else 0, "baseline": n if with_baseline else 0},
+                    enabled=progress)
+    cli = None
     try:
         iso.host.conn()  # connect once, before the first launch is timed
         vm_job = _job(lambda: vmiso_once(iso, command, mem_mib, image), "vmiso", show)
+        cli_job = None
+        if with_cli:
+            argv, env = cli_command(iso.workdir.root, [os.fsdecode(a) for a in command], mem_mib, image), \
+                cli_environment()
+            show.note("one untimed vmiso run")
+            cli_once(argv, env)  # page cache and byte-code caches, as on a machine that ran it before
+            cli_job = _job(lambda: cli_once(argv, env), "cli", show)
         base_job = None
         if with_baseline:
             base = prototype.base_image(iso.workdir.root, built, progress=show.note)
@@ -267,10 +320,12 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
                                                   mem_mib), "baseline", show)
         show.show("starting")
         if concurrency == 1:
-            jobs = [j for _ in range(n) for j in (vm_job, base_job) if j is not None]
-            results, _ = _pool(jobs, 1)
-            vm = results[::2] if base_job else results
-            base = results[1::2] if base_job else None
+            kinds = [j for j in (vm_job, cli_job, base_job) if j is not None]
+            results, _ = _pool([j for _ in range(n) for j in kinds], 1)
+            step = len(kinds)
+            vm = results[::step]
+            cli = results[1::step] if cli_job else None
+            base = results[step - 1::step] if base_job else None
             wall = base_wall = None
         else:
             vm, wall = _pool([vm_job] * n, concurrency)
@@ -279,7 +334,7 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
         show.close()
         if isolator is None:
             iso.host.close()
-    result = summarize(vm, base, wall, base_wall, concurrency)
+    result = summarize(vm, base, wall, base_wall, concurrency, cli=cli)
     result.update(image=image, kernel=f"{built.kernel_flavour} {built.kernel_version}",
                   cpu_probe="quick" if iso.cpu_probe().quick else "full")
     return result
@@ -328,6 +383,9 @@ def report(result):
         f"  whole run (launch start -> cleaned up):    {result['run_true_s']:8.3f} s    p90 "
         f"{result['run_true_p90_s']:.3f} s",
     ]
+    if result.get("cli_run_true_s") is not None:
+        lines.append(f"  whole 'vmiso run' process, same task:       {result['cli_run_true_s']:8.3f} s    p90 "
+                     f"{result['cli_run_true_p90_s']:.3f} s   (+{result['cli_overhead_s']:.3f} s over in-process)")
     if "throughput_per_min" in result:
         lines.append(f"  throughput: {result['throughput_per_min']:.1f} tasks/min "
                      f"({result['n']} in {result['wall_s']:.1f} s)")

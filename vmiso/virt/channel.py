@@ -9,7 +9,6 @@ the exit line counts only when it carries this launch's nonce and ends the file,
 bounded.
 """
 import ctypes
-import ctypes.util
 import os
 import re
 import select
@@ -154,7 +153,9 @@ class ExitLineFilter:
 _IN_MODIFY = 0x2
 _IN_CLOSE_WRITE = 0x8
 _IN_MOVED_TO = 0x80  # a file renamed into place (an atomically written checkpoint)
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols (libc's among them): ctypes.util.find_library would run
+# `ldconfig -p` in a subprocess at import, on every vmiso command's start.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Inotify:
