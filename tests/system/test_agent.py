@@ -42,9 +42,9 @@ class Env:
         return subprocess.run(["su", "-s", "/bin/sh", user, "-c", shlex.join(self.argv(*args))], input=input,
                               capture_output=True, timeout=timeout)
 
-    def popen_as(self, user, *args):
+    def popen_as(self, user, *args, stdin=None):
         entry = pwd.getpwnam(user)
-        return subprocess.Popen(self.argv(*args), user=entry.pw_uid, group=entry.pw_gid,
+        return subprocess.Popen(self.argv(*args), user=entry.pw_uid, group=entry.pw_gid, stdin=stdin,
                                 extra_groups=os.getgrouplist(user, entry.pw_gid), cwd="/", stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "HOME": entry.pw_dir})
 
@@ -237,6 +237,37 @@ def test_stdin_through_the_agent(env, users):
     proc = env.as_user(users["a"], "run", "-i", "--", "sh", "-c", "wc -c; exit 2", input=data)
     assert proc.returncode == 2, text(proc)
     assert proc.stdout.strip() == str(len(data)).encode()
+
+
+def test_stdin_may_pause_longer_than_the_request_timeout(env, users):
+    """A person typing into `vmiso run -i`: the first byte may come long after the launch."""
+    from vmiso.agent.server import REQUEST_TIMEOUT_S
+
+    client = env.popen_as(users["a"], "run", "-i", "--", "sh", "-c", "cat; echo end", stdin=subprocess.PIPE)
+    time.sleep(REQUEST_TIMEOUT_S + 2)
+    out, err = client.communicate(input=b"late\n", timeout=60)
+    assert client.returncode == 0, err
+    assert out == b"late\nend\n"
+
+
+def test_a_task_that_ends_before_its_stdin_does(env, users):
+    """The caller's stdin stays open (a terminal nobody types into): the run ends with the task."""
+    client = env.popen_as(users["a"], "run", "-i", "--", "sh", "-c", "exit 6", stdin=subprocess.PIPE)
+    try:
+        client.wait(timeout=60)
+    finally:
+        client.stdin.close()
+    assert client.returncode == 6, client.stderr.read()
+
+
+def test_in_process_run_ends_before_its_stdin_too(workdir, cid):
+    client = subprocess.Popen([sys.executable, "-m", "vmiso", "--workdir", workdir, "run", "-i", "--name", cid, "--",
+                               "sh", "-c", "exit 6"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        client.wait(timeout=60)
+    finally:
+        client.stdin.close()
+    assert client.returncode == 6, client.stderr.read()
 
 
 def test_a_client_that_leaves_does_not_end_its_task_but_sigterm_does(env, users):

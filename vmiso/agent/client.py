@@ -292,6 +292,17 @@ def _chunks(source):
         with open(source, "rb") as f:  # opened by the caller, as the caller
             yield from iter(lambda: f.read(STDIN_CHUNK), b"")
         return
+    try:
+        fd = source.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is not None:
+        # The descriptor itself, not the buffered object: a daemon thread blocked inside a buffered
+        # read holds its lock, and the interpreter aborts at exit (SIGABRT) when the task ends
+        # before the caller's stdin does.
+        while data := os.read(fd, STDIN_CHUNK):
+            yield data
+        return
     read = getattr(source, "read1", None) or source.read
     while data := read(STDIN_CHUNK):
         yield data

@@ -424,6 +424,10 @@ def launch(h, cid, query):
         raise InvalidSpec("stdin", f"a task with stdin is launched with Upgrade: {protocol.STDIN_UPGRADE}, "
                                    "and only such a task")
     peer, agent = h.peer, h.agent
+    if upgrade:
+        # The copy into the guest starts reading during the launch, and stdin may pause as long as
+        # its source does (a person typing): no read timeout from here on.
+        h.connection.settimeout(None)
     with agent.id_lock(cid), agent.user_lock(peer.uid):
         if not peer.root:
             running = [s for s in agent.statuses(peer) if s.termination is None]
@@ -436,7 +440,6 @@ def launch(h, cid, query):
         return
     h._start_stream(101, upgrade=protocol.STDIN_UPGRADE)
     h.wfile.write(protocol.frame({"status": status.to_dict()}))
-    h.connection.settimeout(None)  # stdin may pause as long as its source does
     # Serve the copy until the client's EOF or the task's end; a client that leaves ends the
     # copy (EOF to the task), never the task.
     while not stdin.eof.wait(LIVENESS_S):

@@ -104,9 +104,16 @@ def spec_from_args(args):
     return TaskSpec(command=None if cmd is None else [os.fsencode(a) for a in cmd],
                     entrypoint=entrypoint, user=args.user, env=taskdata.task_env(args, os.environ),
                     resources=resources, volumes=taskdata.volumes(args),
-                    stdin=sys.stdin.buffer if args.interactive else None,
+                    stdin=_stdin() if args.interactive else None,
                     image=image, image_format=args.format, timeout=args.timeout,
                     workdir=args.guest_workdir, network=_network(args))
+
+
+def _stdin():
+    """This process's stdin for the task, unbuffered: the thread copying it may still be blocked
+    in a read when the task ends, and a daemon thread inside a buffered read makes the
+    interpreter abort at exit (SIGABRT) instead of returning the task's exit code."""
+    return sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
 
 
 def _network(args):
