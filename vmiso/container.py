@@ -39,6 +39,9 @@ class Container:
         self.foreign = False         # another agent's: read here, never concluded, killed or removed
         self.paused = None           # why libvirt paused the VM ("ioerror", "paused"), while it is
         self.wakeups = set()         # channel.Wakeup of each output() following it: set when it ends
+        # Its VM is gone for libvirt too and its files, network and watches are released (the
+        # termination may be known before: as soon as QEMU exits). destroy() waits for it.
+        self.released = False
 
     @property
     def owner(self):

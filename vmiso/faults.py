@@ -11,6 +11,8 @@ from .errors import VmisoError
 LAUNCH_POINTS = ("launch:dir", "launch:checkpoint", "launch:overlay", "launch:seed", "launch:network",
                  "launch:create", "launch:running")
 DESTROY_POINTS = ("destroy:kill", "destroy:stopped", "destroy:cleanup")
+# The termination is recorded (QEMU exited), the VM's files and network not yet released.
+CONCLUDE_POINTS = ("conclude:recorded",)
 
 
 class FaultInjected(VmisoError):

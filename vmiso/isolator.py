@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 DOMAIN_PREFIX = "vmiso-"
 RECONCILE_EVERY = 5.0  # events are hints: wait() re-checks libvirt this often
 EXIT_LINE_GRACE = 2.0  # seconds virtlogd may lag behind the stop event when writing the exit line
+ENDED_TIMELINES = 64  # destroyed containers whose timeline() still answers
+RELEASE_WAIT = 30.0  # destroy() after QEMU exited: how long libvirt's teardown may take before a destroy
+RELEASE_RECHECK = 1.0  # ... and how often libvirt is asked meanwhile (its stopped event may be lost)
 TIMEOUT_GRACE = 5.0  # at TaskSpec.timeout the task gets SIGTERM, and this long before a hard stop
 
 
@@ -98,6 +101,7 @@ class Isolator:
         self.host.on_reconnect = self._reconcile_all
         self._containers = {}
         self._ended = {}  # destroyed containers' terminations, so wait() after destroy() answers
+        self._ended_timelines = {}  # the last ENDED_TIMELINES destroyed containers' timelines (bench)
         self._lock = threading.RLock()
 
     # --- launch -----------------------------------------------------------------------------
@@ -215,6 +219,7 @@ class Isolator:
             created = dom  # rollback destroys this domain only: never one looked up by name
             # Not in the XML: libvirt would also raise QEMU's RLIMIT_MEMLOCK to it (refused here).
             self.host.set_memory_hard_limit(dom, accounting.hard_limit(spec.resources, checkpoint.accel))
+            self.host.watch_exit(c.domain, lambda: self._on_exit(c))
             self._step(c, "launch:create")
             step = "running"
             checkpoint.phase = state.RUNNING
@@ -240,7 +245,7 @@ class Isolator:
     def _disks_in_use(self):
         """(overlay path, virtual size) of each VM this Isolator runs (call with _lock held)."""
         return [(c.path(OVERLAY), c.checkpoint.extra.get("disk_bytes", 0))
-                for c in self._containers.values() if c.termination is None]
+                for c in self._containers.values() if not c.released]
 
     @staticmethod
     def _step(c, name):
@@ -249,7 +254,14 @@ class Isolator:
         faults.hit(name)
 
     def timeline(self, container_id: str) -> dict[str, float]:
-        """When each named step of this container's launch completed (time.monotonic())."""
+        """When each named step of this container's launch completed, and when its VM exited,
+        its status was known, libvirt reported it stopped, ... (time.monotonic()); also for a
+        container this Isolator destroyed lately."""
+        validate_container_id(container_id)
+        with self._lock:
+            ended = self._ended_timelines.get(container_id)
+            if ended is not None and container_id not in self._containers:
+                return dict(ended)
         return dict(self._get(container_id).timeline)
 
     def cpu_probe(self) -> cpuprobe.CpuProbe:
@@ -301,6 +313,7 @@ class Isolator:
         # Stop listening first: the domain's stop event would otherwise conclude (and write a
         # checkpoint into) the directory while it is being removed.
         self.host.unwatch(c.domain)
+        self.host.unwatch_exit(c.domain)
         with c.cond:
             c.removed = True
         try:
@@ -330,57 +343,126 @@ class Isolator:
         elif event in ("resumed", "started"):
             c.paused = None
 
+    def _on_exit(self, c):
+        """QEMU's process ended (virt/exits.py, before libvirt's teardown is done): if the guest
+        reported an exit status, record the termination now. Off the watcher's thread."""
+        threading.Thread(target=self._record_exit, args=(c,), name="vmiso-exit", daemon=True).start()
+
+    def _record_exit(self, c):
+        if c.foreign or c.termination is not None or c.removed:
+            return
+        c.timeline["vm:exited"] = time.monotonic()
+        # virtlogd copies QEMU's output asynchronously: give it a moment for the exit line.
+        exit_code = channel.wait_for_exit_code(c.path(STDOUT), c.checkpoint.nonce, EXIT_LINE_GRACE)
+        if exit_code is None:
+            return  # how it ended (crash, destroy, power-off) is libvirt's to say: its event decides
+        with c.cond:
+            if c.termination is None and not c.removed:
+                self._record(c, None, exit_code)
+
+    def _record(self, c, stop_detail, exit_code):
+        """First half of a conclusion (call with c.cond held): decide the termination, checkpoint
+        it with the cleanup still pending, wake wait() and output() followers."""
+        try:
+            on_disk = state.read(c.dir)  # another process may have asked for a kill or destroy
+            c.checkpoint.kill_reason = on_disk.kill_reason or c.checkpoint.kill_reason
+            c.checkpoint.remove_requested = on_disk.remove_requested or c.checkpoint.remove_requested
+        except state.CheckpointError:
+            pass
+        termination = decide_termination(c.checkpoint, stop_detail, exit_code)
+        c.checkpoint.phase = state.TERMINATED
+        c.checkpoint.termination = termination.to_dict()
+        c.checkpoint.cleanup_pending = True
+        try:
+            state.write(c.dir, c.checkpoint)
+        except OSError as err:
+            log.warning("cannot checkpoint termination of %s: %s", c.id, err)
+        if c.timer is not None:
+            c.timer.cancel()
+        c.termination = termination
+        c.timeline["vm:status"] = time.monotonic()
+        c.cond.notify_all()
+        for wakeup in c.wakeups:  # output() followers: finish now, not at their next idle check
+            wakeup.set()
+        faults.hit("conclude:recorded")
+        return termination
+
     def _conclude(self, c):
-        """The domain is gone: decide how the task ended, record it, free the VM's disk."""
+        """The domain is gone for libvirt: decide how the task ended (unless QEMU's exit told
+        already), record it, then free the VM's disk, seed, network and watches."""
         if c.foreign:
             return c.termination  # its own agent concludes it
         with c.cond:
-            if c.termination is not None or c.removed:
+            if c.removed or c.released:
                 return c.termination  # concluded already, or a failed launch being undone
             c.timeline["vm:stopped"] = time.monotonic()
+            if c.termination is None:
+                if c.stop_detail is None:  # nobody heard the event: libvirt's log still tells
+                    c.stop_detail = self.host.stop_reason(c.domain, c.checkpoint.created_at)
+                # A guest that powered itself off has normally reported: wait a moment for virtlogd.
+                grace = EXIT_LINE_GRACE if c.stop_detail == "shutdown" else 0
+                exit_code = channel.wait_for_exit_code(c.path(STDOUT), c.checkpoint.nonce, grace)
+                self._record(c, c.stop_detail, exit_code)
+            self._release(c)
+            return c.termination
+
+    def _release(self, c):
+        """Second half of a conclusion (call with c.cond held, the domain gone): delete the
+        overlay, seed and kernel copy, release the network, stop watching; checkpoint that."""
+        for name in (OVERLAY, SEED, KERNEL, INITRD):
             try:
-                on_disk = state.read(c.dir)  # another process may have asked for a kill or destroy
-                c.checkpoint.kill_reason = on_disk.kill_reason or c.checkpoint.kill_reason
-                c.checkpoint.remove_requested = on_disk.remove_requested or c.checkpoint.remove_requested
-            except state.CheckpointError:
+                os.unlink(c.path(name))
+            except FileNotFoundError:
                 pass
-            if c.stop_detail is None:  # nobody heard the event: libvirt's log still tells
-                c.stop_detail = self.host.stop_reason(c.domain, c.checkpoint.created_at)
-            # A guest that powered itself off has normally reported: wait a moment for virtlogd.
-            grace = EXIT_LINE_GRACE if c.stop_detail == "shutdown" else 0
-            exit_code = channel.wait_for_exit_code(c.path(STDOUT), c.checkpoint.nonce, grace)
-            termination = decide_termination(c.checkpoint, c.stop_detail, exit_code)
-            c.checkpoint.phase = state.TERMINATED
-            c.checkpoint.termination = termination.to_dict()
+        self._release_network(c)
+        if c.timer is not None:
+            c.timer.cancel()
+        self.host.unwatch(c.domain)
+        self.host.unwatch_exit(c.domain)
+        if c.checkpoint.cleanup_pending:
+            c.checkpoint.cleanup_pending = False
             try:
-                state.write(c.dir, c.checkpoint)
+                # Not fsynced: a lost write only makes recover() repeat this idempotent cleanup.
+                state.write(c.dir, c.checkpoint, durable=False)
             except OSError as err:
-                log.warning("cannot checkpoint termination of %s: %s", c.id, err)
-            for name in (OVERLAY, SEED, KERNEL, INITRD):
-                try:
-                    os.unlink(c.path(name))
-                except FileNotFoundError:
-                    pass
-            self._release_network(c)
-            if c.timer is not None:
-                c.timer.cancel()
-            self.host.unwatch(c.domain)
-            c.termination = termination
-            c.timeline["vm:concluded"] = time.monotonic()
-            c.cond.notify_all()
-            for wakeup in c.wakeups:  # output() followers: finish now, not at their next idle check
-                wakeup.set()
-            return termination
+                log.warning("cannot checkpoint the cleanup of %s: %s", c.id, err)
+        c.released = True
+        c.timeline["vm:concluded"] = time.monotonic()
+        c.cond.notify_all()
+
+    def _await_release(self, c):
+        """Block until the container's VM is gone for libvirt and released (its termination may
+        have been recorded before, when QEMU exited): removing its files during libvirt's
+        teardown makes libvirt log errors restoring their labels. Bounded: a teardown that
+        outlasts RELEASE_WAIT is cut short by a destroy, then the files go regardless."""
+        deadline = time.monotonic() + RELEASE_WAIT
+        while True:
+            with c.cond:
+                if c.released or c.foreign:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                c.cond.wait(min(left, RELEASE_RECHECK))
+            self._reconcile(c)  # events are hints: libvirt may have finished without telling
+        dom = self.host.lookup(c.domain)
+        log.warning("container %s: libvirt still has its domain %.0f s after QEMU exited; destroying it",
+                    c.id, RELEASE_WAIT)
+        if dom is not None:
+            self.host.destroy(dom)
+        with c.cond:
+            if not c.released:
+                self._release(c)
 
     def _reconcile(self, c):
         """Events are hints: if libvirt no longer has the domain, conclude now."""
-        if not c.foreign and c.termination is None and self.host.lookup(c.domain) is None:
+        if not c.foreign and not c.released and not c.removed and self.host.lookup(c.domain) is None:
             self._conclude(c)
 
     def _reconcile_all(self):
         """After a reconnect to libvirt: events may have been missed, ask libvirt again."""
         with self._lock:
-            supervised = [c for c in self._containers.values() if c.termination is None]
+            supervised = [c for c in self._containers.values() if not c.released]
         for c in supervised:
             try:
                 self._reconcile(c)
@@ -489,6 +571,7 @@ class Isolator:
             if c.removed:
                 return self._ended.get(container_id)
             termination = self._kill_locked(c, grace, R_DESTROYED, remove=True)
+            self._await_release(c)
             faults.hit("destroy:cleanup")
             self._remove(c, termination)
         return termination
@@ -502,6 +585,9 @@ class Isolator:
         with self._lock:
             self._containers.pop(c.id, None)
             self._ended[c.id] = termination
+            self._ended_timelines[c.id] = c.timeline
+            while len(self._ended_timelines) > ENDED_TIMELINES:
+                del self._ended_timelines[next(iter(self._ended_timelines))]
 
     def status(self, container_id: str) -> ContainerStatus:
         c = self._get(container_id)

@@ -181,16 +181,15 @@ def adopt(iso, container_id):
     c.foreign = checkpoint.agent_id != iso.agent_id
     if checkpoint.termination is not None:
         c.termination = Termination.from_dict(checkpoint.termination)
+        c.released = not checkpoint.cleanup_pending
+        if not c.released and not c.foreign:
+            _finish_release(iso, c)
         return c
     if c.foreign:
         return c  # another agent's: read-only here, never looked up, watched or concluded
     if checkpoint.phase == state.LAUNCHING and launch_in_progress(directory):
         raise state.CheckpointError(f"container {container_id} is being launched by another process")
-    dom = None
-    if checkpoint.boot_id == state.boot_id():  # after a reboot no domain of ours can be alive
-        dom = iso.host.lookup(checkpoint.domain)
-        if dom is not None and not _owns(iso, dom, checkpoint):
-            dom = None  # somebody else's domain under our name: never touch it
+    dom = _live_domain(iso, checkpoint)
     if checkpoint.phase == state.LAUNCHING:
         # An interrupted launch is failed and cleaned, never resumed.
         if dom is not None:
@@ -202,10 +201,34 @@ def adopt(iso, container_id):
         iso._conclude(c)
         return c
     iso.host.watch(checkpoint.domain, lambda event, detail: iso._on_lifecycle(c, event, detail))
+    iso.host.watch_exit(checkpoint.domain, lambda: iso._on_exit(c))
     if checkpoint.phase == state.DESTROYING:
         # An interrupted kill or destroy is finished, not forgotten.
         iso.host.destroy(dom)
     return c
+
+
+def _live_domain(iso, checkpoint):
+    """The container's running domain, if libvirt has it and it is provably ours; else None."""
+    if checkpoint.boot_id != state.boot_id():  # after a reboot no domain of ours can be alive
+        return None
+    dom = iso.host.lookup(checkpoint.domain)
+    if dom is not None and not _owns(iso, dom, checkpoint):
+        return None  # somebody else's domain under our name: never touch it
+    return dom
+
+
+def _finish_release(iso, c):
+    """The termination was recorded when QEMU exited, and the process died before libvirt's
+    teardown ended and the VM's files and network were released: release them once the domain
+    is gone (now, or at its stopped event)."""
+    if _live_domain(iso, c.checkpoint) is not None:
+        iso.host.watch(c.domain, lambda event, detail: iso._on_lifecycle(c, event, detail))
+        if _live_domain(iso, c.checkpoint) is not None:
+            return  # its stopped event (or the next reconcile) releases it
+    with c.cond:
+        if not c.released:
+            iso._release(c)
 
 
 def _owns(iso, dom, checkpoint):

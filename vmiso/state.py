@@ -44,6 +44,9 @@ class Checkpoint:
     kill_reason: Optional[str] = None  # set before vmiso kills the VM: "destroyed" or "timeout"
     remove_requested: bool = False     # destroy() was called: remove everything once it is dead
     termination: Optional[dict] = None
+    # The termination is recorded (QEMU exited) but the VM's files, network and watch are not
+    # released yet: libvirt had not finished its teardown. recover() finishes it.
+    cleanup_pending: bool = False
     extra: dict = field(default_factory=dict)
     version: int = VERSION
 

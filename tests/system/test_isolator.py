@@ -22,7 +22,9 @@ def test_launch_wait_destroy(iso, cid):
     termination = iso.wait(cid, timeout=60)
     assert (termination.state, termination.reason, termination.exit_code) == ("FAILED", "guest-exited", 5)
     assert iso.status(cid).state == "FAILED"
-    # The VM's disk is freed as soon as it ends; the record stays until destroy.
+    # The status is known when QEMU exits; the VM's disk is freed once libvirt has torn the VM
+    # down, without a destroy; the record stays until destroy.
+    iso._await_release(iso._get(cid))
     directory = os.path.join(iso.workdir.containers, cid)
     assert sorted(os.listdir(directory)) == ["checkpoint.json", "console.log", "stderr", "stdout"]
     assert iso.destroy(cid) == termination

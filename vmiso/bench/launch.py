@@ -42,6 +42,7 @@ VMISO_MARKS = (
     ("task_start", "task_start", "task started"),
     ("task_exit", "task_exit", "task exited (exit line)"),
     ("qemu_exit", "qemu_exit", "QEMU exited (guest powered off)"),
+    ("vm:status", "status", "exit status known (wait() returns)"),
     ("vm:stopped", "vm_gone", "VM gone (libvirt's stopped event)"),
     ("cleaned", "cleanup", "cleaned up (destroy returned)"),
 )
@@ -72,10 +73,13 @@ def vmiso_once(iso, command, mem_mib=256, image="micro"):
         qemu.start()
         termination = iso.wait(cid, timeout=WAIT_TIMEOUT_S)
         ok = termination.exit_code is not None
-        timeline = iso.timeline(cid)
     finally:
         iso.destroy(cid, grace=0)
         cleaned = time.monotonic()
+        try:
+            timeline = iso.timeline(cid)
+        except NotFound:  # the launch failed: nothing was made
+            timeline = {}
         watcher.stop()
         if qemu is not None:
             qemu.join(5)
@@ -187,6 +191,7 @@ def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1, cli=None)
         "to_userspace_p90_s": round(p90(userspace) / 1000, 3) if userspace else None,
         "run_true_s": round(statistics.median(total) / 1000, 3), "run_true_p90_s": round(p90(total) / 1000, 3),
         "to_task_exit_s": round(statistics.median(_span(vm, None, "task_exit")) / 1000, 3),
+        "to_status_s": _median([v["vm:status"] / 1000 for v in vm if "vm:status" in v]),
         "qemu_cpu_to_userspace_s": _median([v.get("qemu_cpu_to_userspace_s") for v in vm]),
         "launches": vm,
     }
@@ -380,6 +385,7 @@ def report(result):
         f"{result['host_prep_p90_ms']:.2f} ms   first launch {result['first_host_prep_ms']:.2f} ms",
         f"  createXML call -> guest userspace:         {result['to_userspace_s']:8.3f} s    p90 "
         f"{result['to_userspace_p90_s']:.3f} s",
+        f"  launch start -> exit status known:         {result['to_status_s'] or 0:8.3f} s",
         f"  whole run (launch start -> cleaned up):    {result['run_true_s']:8.3f} s    p90 "
         f"{result['run_true_p90_s']:.3f} s",
     ]

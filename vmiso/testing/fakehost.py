@@ -48,6 +48,7 @@ class FakeHost:
         self.hard_limits = {}      # name -> bytes
         self.on_reconnect = None
         self._watchers = {}
+        self._exit_watchers = {}  # name -> fn: Host.watch_exit (QEMU's pidfd)
         self._lock = threading.Lock()
 
     # --- faults ------------------------------------------------------------------------------
@@ -64,6 +65,17 @@ class FakeHost:
     def unwatch(self, name):
         with self._lock:
             self._watchers.pop(name, None)
+
+    def watch_exit(self, name, fn):
+        with self._lock:
+            if name not in self.domains:
+                return False
+            self._exit_watchers[name] = fn
+        return True
+
+    def unwatch_exit(self, name):
+        with self._lock:
+            self._exit_watchers.pop(name, None)
 
     def versions(self):
         return LIBVIRT_9_0, QEMU_7_2
@@ -119,6 +131,7 @@ class FakeHost:
     def close(self):
         with self._lock:
             self._watchers.clear()
+            self._exit_watchers.clear()
 
     # --- the tests' side -----------------------------------------------------------------------
     def add_foreign(self, name, metadata=None):
@@ -129,19 +142,32 @@ class FakeHost:
             self.domains[name] = dom
         return dom
 
-    def guest_exits(self, name, code):
-        """The guest wrapper reports ``code`` on the task channel, then powers off."""
+    def guest_exits(self, name, code, teardown=True):
+        """The guest wrapper reports ``code`` on the task channel, then powers off: QEMU exits
+        (exit watchers hear it) and, unless ``teardown`` is False, libvirt reports the domain
+        stopped. With ``teardown=False`` the domain stays, as during libvirt's teardown, until
+        ``stop(name, "shutdown")``."""
         dom = self.domains[name]
         nonce = _nonce_of(dom)
         with open(dom.stdout, "ab") as f:
             f.write(channel.exit_line(nonce, code))
-        self.stop(name, "shutdown")
+        self.qemu_exits(name)
+        if teardown:
+            self.stop(name, "shutdown")
+
+    def qemu_exits(self, name):
+        """QEMU's process of ``name`` ends (its pidfd fires); libvirt has not noticed yet."""
+        with self._lock:
+            fn = self._exit_watchers.pop(name, None)
+        if fn is not None:
+            fn()
 
     def stop(self, name, detail, notify=True):
         """The domain ends (``detail``: how libvirt says it stopped); its watcher hears of it
         unless ``notify`` is False (an event lost while nobody listened)."""
         with self._lock:
             dom = self.domains.pop(name, None)
+            self._exit_watchers.pop(name, None)
         if dom is None:
             return
         dom.destroyed = detail == "destroyed"

@@ -95,6 +95,7 @@ class Host:
         self._callback_id = None
         self._healing = False
         self.on_reconnect = None  # called (from a helper thread) after a lost connection is back
+        self._exits = None        # virt/exits.ExitWatcher, made on first use
 
     # --- connection -------------------------------------------------------------------------
     def conn(self):
@@ -184,6 +185,24 @@ class Host:
     def unwatch(self, name):
         with self._lock:
             self._watchers.pop(name, None)
+
+    def watch_exit(self, name, fn):
+        """Call ``fn()`` (from the exit watcher's thread; return quickly) when the QEMU process of
+        running domain ``name`` exits, before libvirt's teardown reports the domain stopped.
+        False if that cannot be watched (no pid file, no pidfd): libvirt's events still tell."""
+        pid = self.pid(name)
+        if pid is None:
+            return False
+        with self._lock:
+            if self._exits is None:
+                from .exits import ExitWatcher
+
+                self._exits = ExitWatcher()
+        return self._exits.watch(name, pid, fn)
+
+    def unwatch_exit(self, name):
+        if self._exits is not None:
+            self._exits.unwatch(name)
 
     def _on_lifecycle(self, _conn, dom, event, detail, _opaque):
         fn = self._watchers.get(dom.name())
