@@ -43,12 +43,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyExists", "CommandFailed", "ContainerStatus", "HostError", "ImageError", "InvalidSpec",
     "Isolator", "LaunchFailed", "NetworkError", "NetworkSpec", "NoDiskSpace", "NotFound", "NotOwned",
-    "RateLimit", "RecoveryReport", "ResourceStatistics", "Resources", "StatsError", "TaskSpec", "Termination",
+    "PoolConfig", "RateLimit", "RecoveryReport", "ResourceStatistics", "Resources", "StatsError", "TaskSpec",
+    "Termination",
     "Timeout", "UnsafeImage", "VirtError", "VmisoError", "Volume",
 ]
 
 # Loaded when first used: the Isolator brings libvirt in, and recovery the Isolator's modules.
-_LAZY = {"Isolator": ("isolator", "Isolator"), "RecoveryReport": ("recovery", "RecoveryReport")}
+_LAZY = {"Isolator": ("isolator", "Isolator"), "RecoveryReport": ("recovery", "RecoveryReport"),
+         "PoolConfig": ("pool", "PoolConfig")}
 
 
 def __getattr__(name):

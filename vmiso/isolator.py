@@ -79,7 +79,7 @@ class Isolator:
 
     def __init__(self, workdir=DEFAULT_WORKDIR, uri=DEFAULT_URI, accel="auto", agent_id="vmiso",
                  cpu_probe=None, disk_reserve=None, disk_overcommit=admission.DEFAULT_OVERCOMMIT,
-                 image_paths=True, volume_roots=None, host=None):
+                 image_paths=True, volume_roots=None, host=None, pool=None):
         """``disk_reserve`` (bytes kept free on the work dir's file system) and
         ``disk_overcommit`` (how far thin disks may promise more than is free) are the disk
         admission policy (vmiso/admission.py); a launch that does not fit raises NoDiskSpace.
@@ -87,7 +87,9 @@ class Isolator:
         or ids), never a path on the host: for an agent whose specs come from tenants.
         ``volume_roots``: directories under which TaskSpec.volumes and sandboxes must lie
         (None: anywhere QEMU's user can reach; ``()``: no volumes at all). ``host``: the
-        libvirt side (default: a virt.host.Host on ``uri``); tests pass a FakeHost."""
+        libvirt side (default: a virt.host.Host on ``uri``); tests pass a FakeHost. ``pool``: a
+        vmiso.PoolConfig of warm VMs to keep booted (vmiso/pool.py; ``iso.pool.configure()``
+        changes it later); launches that fit it take a ready VM instead of booting one."""
         self.image_paths = image_paths
         self.volume_roots = None if volume_roots is None else tuple(str(r) for r in volume_roots)
         self.disk_policy = admission.Policy(reserve=disk_reserve, overcommit=disk_overcommit)
@@ -103,6 +105,11 @@ class Isolator:
         self._ended = {}  # destroyed containers' terminations, so wait() after destroy() answers
         self._ended_timelines = {}  # the last ENDED_TIMELINES destroyed containers' timelines (bench)
         self._lock = threading.RLock()
+        from .pool import Pool
+
+        self.pool = Pool(self)
+        if pool is not None:
+            self.pool.configure(pool)
 
     # --- launch -----------------------------------------------------------------------------
     def launch(self, container_id: str, spec: TaskSpec, uid: Optional[int] = None) -> ContainerStatus:
@@ -131,6 +138,15 @@ class Isolator:
             from .net import port
 
             port.check(self.workdir.root, container_id, spec.network)
+        if self.pool.config is not None and task.user is None and self.pool.fits(spec, image, uid):
+            with self._lock:
+                if container_id in self._containers:
+                    raise AlreadyExists("container", container_id)
+            slot = self.pool.take()
+            if slot is not None:
+                from . import warm
+
+                return warm.launch(self, container_id, spec, image, task, slot, started, resolved)
         with self._lock:
             if container_id in self._containers:
                 raise AlreadyExists("container", container_id)

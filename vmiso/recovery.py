@@ -30,6 +30,7 @@ class RecoveryReport:
     busy: list = field(default_factory=list)         # launches under way in another process
     leases: list = field(default_factory=list)       # network leases (tap, rules) of vanished containers, freed
     foreign: dict = field(default_factory=dict)      # id -> owner agent id: another agent's, left alone
+    pool: list = field(default_factory=list)         # warm VMs of a dead pool (vmiso/pool.py), destroyed
 
     @property
     def ids(self):
@@ -42,6 +43,7 @@ def recover(iso, strict=False):
         _recover_one(iso, container_id, strict, report)
     _destroy_orphans(iso, report)
     _release_stray_leases(iso, report)
+    report.pool = iso.pool.recover()
     return report
 
 
@@ -140,6 +142,8 @@ def _destroy_orphans(iso, report):
         record = domain_xml.parse_metadata(metadata)
         if not _ours(iso, record):
             continue  # not ours (or not provably ours): never touched, whatever its name
+        if record.get("pool"):
+            continue  # an unclaimed warm VM: the pool's recover() decides (vmiso/pool.py)
         container_id = record.get("container", "")
         if container_id in known:
             continue

@@ -46,6 +46,20 @@ VMISO_MARKS = (
     ("vm:stopped", "vm_gone", "VM gone (libvirt's stopped event)"),
     ("cleaned", "cleanup", "cleaned up (destroy returned)"),
 )
+# A warm launch (a pool VM, booted before the launch: vmiso/pool.py): its console's boot marks
+# are from before the launch and are left out.
+WARM_MARKS = (
+    ("launch:image", "image", "spec validated, image resolved"),
+    ("launch:claim", "claim", "pool VM claimed, checkpoint, metadata"),
+    ("launch:dir", "dir", "directory renamed to the container's"),
+    ("launch:running", "running", "task's seed files sent (claim port)"),
+    ("task_start", "task_start", "task started"),
+    ("task_exit", "task_exit", "task exited (exit line)"),
+    ("qemu_exit", "qemu_exit", "QEMU exited (guest powered off)"),
+    ("vm:status", "status", "exit status known (wait() returns)"),
+    ("vm:stopped", "vm_gone", "VM gone (libvirt's stopped event)"),
+    ("cleaned", "cleanup", "cleaned up (destroy returned)"),
+)
 BASELINE_MARKS = (
     ("copy", "copy", "whole-disk copy (cp, 1 GiB)"),
     ("seed", "seed", "seed ISO (genisoimage)"),
@@ -59,17 +73,18 @@ BASELINE_MARKS = (
 )
 
 
-def vmiso_once(iso, command, mem_mib=256, image="micro"):
-    """One launch through ``iso`` (an Isolator); {mark: ms since launch start}, plus "ok"."""
-    cid = "bench-" + secrets.token_hex(4)
+def vmiso_once(iso, command, mem_mib=256, image="micro", warm=False):
+    """One launch through ``iso`` (an Isolator); {mark: ms since launch start}, plus "ok".
+    ``warm``: the launch must take a VM from ``iso``'s pool (it waits, untimed, for one)."""
+    cid = ("warm-" if warm else "bench-") + secrets.token_hex(4)
     watcher = MarkWatcher(iso.workdir.containers, cid, pidfile=f"{PID_DIR}/vmiso-{cid}.pid")
     watcher.start()
     watcher.ready.wait()
     spec = TaskSpec(command=command, resources=Resources(mem_mib=mem_mib), image=image)
     timeline, ok, qemu = {}, False, None
     try:
-        iso.launch(cid, spec)
-        qemu = ProcessExit(f"{PID_DIR}/vmiso-{cid}.pid")
+        status = iso.launch(cid, spec)
+        qemu = ProcessExit(f"{PID_DIR}/{status.domain}.pid")  # a warm VM keeps its pool domain's name
         qemu.start()
         termination = iso.wait(cid, timeout=WAIT_TIMEOUT_S)
         ok = termination.exit_code is not None
@@ -86,6 +101,10 @@ def vmiso_once(iso, command, mem_mib=256, image="micro"):
     marks = {**timeline, **watcher.marks, "cleaned": cleaned}
     if qemu is not None and qemu.when is not None:
         marks["qemu_exit"] = qemu.when
+    if warm:
+        for boot_mark in ("console", "userspace"):
+            marks.pop(boot_mark, None)
+        ok = ok and "launch:claim" in marks  # a launch that missed the pool booted cold
     start = marks.pop("launch:start", None) or cleaned
     out = _relative(marks, start, ok)
     if "userspace" in watcher.cpu:
@@ -133,6 +152,13 @@ def baseline_once(conn, workdir, base, boot, accel, command, mem_mib=256):
     return _relative(marks, marks.pop("start"), ok)
 
 
+def pool_full(iso, timeout=WAIT_TIMEOUT_S):
+    """Untimed, before every launch of a --warm run: the pool has refilled, so no launch (warm,
+    cold, the CLI's or the prototype's) shares the machine with a pool VM's boot."""
+    if iso.pool.config is not None and not iso.pool.wait_ready(iso.pool.target(), timeout):
+        raise NotFound("pool", "no warm VM became ready (see the log)")
+
+
 def _relative(marks, start, ok):
     out = {name: round((t - start) * 1000, 3) for name, t in marks.items() if isinstance(t, float)}
     out["ok"] = ok
@@ -177,7 +203,7 @@ def _median(values):
     return round(statistics.median(values), 3) if values else None
 
 
-def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1, cli=None):
+def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1, cli=None, warm=None):
     medians, p90s, at = _stats(vm, VMISO_MARKS)
     prep = _span(vm, None, "launch:xml")
     userspace = _span(vm, "launch:xml", "userspace")
@@ -195,6 +221,20 @@ def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1, cli=None)
         "qemu_cpu_to_userspace_s": _median([v.get("qemu_cpu_to_userspace_s") for v in vm]),
         "launches": vm,
     }
+    if warm:
+        w_medians, w_p90s, w_at = _stats(warm, WARM_MARKS)
+        status = _span(warm, None, "vm:status")
+        cleaned = _span(warm, None, "cleaned")
+        result.update({
+            "warm_failures": sum(not w["ok"] for w in warm),
+            "warm_phases_ms": w_medians, "warm_phases_p90_ms": w_p90s, "warm_marks_ms": w_at,
+            # The task's end known (its exit status), as the prototype's end is its completion line.
+            "warm_run_true_s": round(statistics.median(status) / 1000, 3) if status else None,
+            "warm_run_true_p90_s": round(p90(status) / 1000, 3) if status else None,
+            "warm_cleaned_s": round(statistics.median(cleaned) / 1000, 3) if cleaned else None,
+            "warm_cleaned_p90_s": round(p90(cleaned) / 1000, 3) if cleaned else None,
+            "warm_launches": warm,
+        })
     if cli:
         whole = [c["cli_run"] for c in cli if c["ok"]]
         result.update({
@@ -218,6 +258,9 @@ def summarize(vm, base=None, wall=None, base_wall=None, concurrency=1, cli=None)
             "baseline_phases_ms": b_medians, "baseline_phases_p90_ms": b_p90s, "baseline_marks_ms": b_at,
             "baseline_launches": base,
         })
+        if end and result.get("warm_run_true_s"):
+            result["warm_speedup_vs_baseline"] = round(result["baseline_s"] / result["warm_run_true_s"], 2)
+            result["warm_speedup_vs_baseline_p90"] = round(result["baseline_p90_s"] / result["warm_run_true_p90_s"], 2)
         if end:
             result["speedup_vs_baseline"] = round(result["baseline_s"] / result["run_true_s"], 2)
             # The same end for both (the task's exit line seen), not vmiso's cleaned-up:
@@ -235,12 +278,12 @@ class Progress:
 
     def __init__(self, total, stream=sys.stderr, enabled=True):
         self.total, self.stream, self.enabled = total, stream, enabled
-        self.done, self.lock, self.last = {"vmiso": 0, "cli": 0, "baseline": 0}, threading.Lock(), ""
+        self.done, self.lock, self.last = {"vmiso": 0, "warm": 0, "cli": 0, "baseline": 0}, threading.Lock(), ""
 
     def __call__(self, kind, launch):
         with self.lock:
             self.done[kind] += 1
-            end = launch.get({"vmiso": "cleaned", "cli": "cli_run"}.get(kind, "completion"))
+            end = launch.get({"vmiso": "cleaned", "warm": "vm:status", "cli": "cli_run"}.get(kind, "completion"))
             self.last = f"last {kind} {end / 1000:.2f} s" if end is not None else f"last {kind} FAILED"
             self.show()
 
@@ -291,23 +334,41 @@ def _pool(jobs, concurrency):
 
 
 def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/var/lib/vmiso",
-        mem_mib=256, progress=True, isolator=None, image="micro", with_cli=True):
+        mem_mib=256, progress=True, isolator=None, image="micro", with_cli=True, warm=False, pool_size=1):
     """Measure; return the result object (see summarize). ``image``: "micro", "micro:lean" or
     "micro:stock" (the prototype path boots the same kernel), or a stored container image's name
     or id (the task runs in its root under micro's lean kernel; no prototype path).
     ``with_cli`` (sequential runs only): also time the whole ``vmiso run`` process for the same
-    task, interleaved with the in-process launches (one untimed run first)."""
+    task, interleaved with the in-process launches (one untimed run first). ``warm`` (sequential
+    runs only): also N launches into warm VMs of a pool of ``pool_size`` (vmiso/pool.py), each
+    launch of every kind starting once the pool has refilled (untimed)."""
     from ..isolator import Isolator
 
     command = [a if isinstance(a, bytes) else os.fsencode(a) for a in command]
     iso = isolator or Isolator(workdir=workdir, agent_id="vmiso-bench")
     built = _kernel_image(iso, image, with_baseline)
     with_cli = with_cli and concurrency == 1
-    show = Progress({"vmiso": n, "cli": n if with_cli else 0, "baseline": n if with_baseline else 0},
-                    enabled=progress)
-    cli = None
+    warm = warm and concurrency == 1
+    show = Progress({"vmiso": n, "warm": n if warm else 0, "cli": n if with_cli else 0,
+                     "baseline": n if with_baseline else 0}, enabled=progress)
+    cli = warm_results = None
     try:
         iso.host.conn()  # connect once, before the first launch is timed
+        warm_job = warm_iso = None
+        if warm:
+            from ..pool import PoolConfig
+
+            # An Isolator of its own holds the pool: the cold launches (same image and size) must
+            # not take its VMs.
+            warm_iso = Isolator(workdir=iso.workdir.root, agent_id=iso.agent_id, accel=iso.accel.name)
+            warm_iso.pool.configure(PoolConfig(size=pool_size, image=image, mem_mib=mem_mib))
+            show.note("booting the pool")
+
+            def warm_job():
+                pool_full(warm_iso)
+                result = vmiso_once(warm_iso, command, mem_mib, image, warm=True)
+                show("warm", result)
+                return result
         vm_job = _job(lambda: vmiso_once(iso, command, mem_mib, image), "vmiso", show)
         cli_job = None
         if with_cli:
@@ -325,11 +386,14 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
                                                   mem_mib), "baseline", show)
         show.show("starting")
         if concurrency == 1:
-            kinds = [j for j in (vm_job, cli_job, base_job) if j is not None]
+            kinds = [j for j in (vm_job, warm_job, cli_job, base_job) if j is not None]
+            if warm:
+                kinds = [_after(lambda: pool_full(warm_iso), j) if j is not warm_job else j for j in kinds]
             results, _ = _pool([j for _ in range(n) for j in kinds], 1)
             step = len(kinds)
             vm = results[::step]
-            cli = results[1::step] if cli_job else None
+            warm_results = results[1::step] if warm_job else None
+            cli = results[1 + bool(warm_job)::step] if cli_job else None
             base = results[step - 1::step] if base_job else None
             wall = base_wall = None
         else:
@@ -337,9 +401,16 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
             base, base_wall = _pool([base_job] * n, concurrency) if base_job else (None, None)
     finally:
         show.close()
+        pool = None
+        if warm_iso is not None:
+            pool = {k: v for k, v in warm_iso.pool.status().items() if k not in ("slots", "owner_pid")}
+            warm_iso.pool.close()
+            warm_iso.host.close()
         if isolator is None:
             iso.host.close()
-    result = summarize(vm, base, wall, base_wall, concurrency, cli=cli)
+    result = summarize(vm, base, wall, base_wall, concurrency, cli=cli, warm=warm_results)
+    if pool is not None:
+        result["pool"] = pool
     result.update(image=image, kernel=f"{built.kernel_flavour} {built.kernel_version}",
                   cpu_probe="quick" if iso.cpu_probe().quick else "full")
     return result
@@ -360,6 +431,14 @@ def _kernel_image(iso, image, with_baseline):
         raise InvalidSpec("baseline", "the prototype path boots micro only: compare a container image with "
                                       "micro in one run with 'vmiso bench image'")
     return micro_mod.find_micro(iso.workdir.root, "lean")  # resolve found it: a container image boots it
+
+
+def _after(first, job):
+    """``job`` preceded by the untimed ``first()``."""
+    def run():
+        first()
+        return job()
+    return run
 
 
 def _job(fn, kind, progress):
@@ -389,6 +468,17 @@ def report(result):
         f"  whole run (launch start -> cleaned up):    {result['run_true_s']:8.3f} s    p90 "
         f"{result['run_true_p90_s']:.3f} s",
     ]
+    if result.get("warm_run_true_s") is not None:
+        labels = {phase: label for _m, phase, label in WARM_MARKS}
+        failed = result["warm_failures"]
+        lines.append("warm launches (a pool VM booted ahead), same run"
+                     f"{', ' + str(failed) + ' FAILED' if failed else ''}")
+        for phase, ms in result["warm_phases_ms"].items():
+            lines.append(f"  {labels.get(phase, phase):<44} {ms:>10.1f} {result['warm_phases_p90_ms'][phase]:>10.1f}")
+        lines.append(f"  launch start -> exit status known:         {result['warm_run_true_s']:8.3f} s    p90 "
+                     f"{result['warm_run_true_p90_s']:.3f} s")
+        lines.append(f"  launch start -> cleaned up:                {result['warm_cleaned_s']:8.3f} s    p90 "
+                     f"{result['warm_cleaned_p90_s']:.3f} s")
     if result.get("cli_run_true_s") is not None:
         lines.append(f"  whole 'vmiso run' process, same task:       {result['cli_run_true_s']:8.3f} s    p90 "
                      f"{result['cli_run_true_p90_s']:.3f} s   (+{result['cli_overhead_s']:.3f} s over in-process)")
@@ -406,6 +496,10 @@ def report(result):
                      f"{result['baseline_p90_s']:.3f} s")
         if "baseline_throughput_per_min" in result:
             lines.append(f"  throughput: {result['baseline_throughput_per_min']:.1f} tasks/min")
+        if result.get("warm_speedup_vs_baseline"):
+            lines.append(f"warm launches are {result['warm_speedup_vs_baseline']:.2f}x faster (p90: "
+                         f"{result['warm_speedup_vs_baseline_p90']:.2f}x) than the prototype path, both to the "
+                         "task's end known")
         if result.get("speedup_vs_baseline"):
             lines.append(f"vmiso is {result['speedup_vs_baseline']:.2f}x faster end to end (cleaned up) than the "
                          f"prototype path to its completion line; {result['speedup_same_end']:.2f}x to the same "

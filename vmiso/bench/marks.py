@@ -14,7 +14,7 @@ import time
 from ..paths import CONSOLE_LOG, STDOUT
 from ..virt import channel
 
-IN_MODIFY, IN_CLOSE_WRITE, IN_CREATE = 0x2, 0x8, 0x100
+IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
 USERSPACE = b"VMISO-USERSPACE"    # micro's init reached userspace (vmiso/image/guest/micro-init)
 TASK_START = b"VMISO-TASK-START"  # the wrapper is about to run the command (guest/task.sh)
 EXIT_LINE = re.compile(rb"VMISO-[0-9a-f]+ EXIT [0-9]{1,3}\n")
@@ -85,7 +85,7 @@ class MarkWatcher(threading.Thread):
     def run(self):
         watcher = _Inotify()
         try:
-            watcher.add(self.parent, IN_CREATE)
+            watcher.add(self.parent, IN_CREATE | IN_MOVED_TO)  # moved: a warm VM's directory, claimed
             self.ready.set()
             watching = False
             while not self._halt.is_set():

@@ -20,6 +20,9 @@ def register_bench(bsub):
                    help="launches at once; reports throughput (default 1)")
     p.add_argument("--baseline", action="store_true", help="also run the prototype path, in the same run")
     p.add_argument("--json", action="store_true", help="print the result object as JSON")
+    p.add_argument("--warm", action="store_true",
+                   help="also N launches into warm VMs (a pool booted ahead, vmiso/pool.py): warm_run_true_s")
+    p.add_argument("--pool-size", type=positive_int, default=1, metavar="N", help="with --warm: the pool's size (1)")
     p.add_argument("--no-cli", dest="cli", action="store_false",
                    help="skip the whole 'vmiso run' processes timed between the launches (cli_run_true_s)")
     p.add_argument("--plot", metavar="FILE.svg", help="write a waterfall of every launch's phases")
@@ -37,7 +40,8 @@ def launch(args):
 
     result = scenario.run(n=args.n, concurrency=args.concurrency, with_baseline=args.baseline,
                           command=args.command, workdir=args.workdir, mem_mib=args.mem,
-                          progress=True, image=args.image, with_cli=args.cli)
+                          progress=True, image=args.image, with_cli=args.cli, warm=args.warm,
+                          pool_size=args.pool_size)
     if args.plot:
         from ..bench import plot
 
@@ -46,4 +50,5 @@ def launch(args):
         print(json.dumps(result, indent=1))
     else:
         print(scenario.report(result))
-    return 0 if not result["failures"] and not result.get("baseline_failures") and not result.get("cli_failures") else 1
+    return 0 if not result["failures"] and not result.get("baseline_failures") and not result.get("cli_failures") \
+        and not result.get("warm_failures") else 1

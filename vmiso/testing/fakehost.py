@@ -32,6 +32,26 @@ class FakeDomain:
         self.stdout = next((s.find("log").get("file") for s in root.findall("devices/serial")
                             if s.find("target").get("port") == "1"), None)
         self.destroyed = False
+        self.claimed = None  # a warm VM's: the bytes its claim port received (FakeHost plays the guest)
+        self.claim_done = threading.Event()
+        self.claim_socket = next((c.find("source").get("path") for c in root.findall("devices/channel")
+                                  if c.find("target").get("name") == domain_xml.CLAIM_PORT_NAME), None)
+
+    def play_warm_guest(self):
+        """What micro's init does in a warm VM: say ready on the claim port, read the task."""
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            try:
+                conn.connect(self.claim_socket)
+                conn.sendall(b"VMISO-WARM-READY\n")
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+                self.claimed = data
+            except OSError:
+                pass
+        self.claim_done.set()
 
     def name(self):
         return self._name
@@ -90,6 +110,8 @@ class FakeHost:
                                 code=libvirt.VIR_ERR_OPERATION_FAILED)
             dom = self.domains[name] = FakeDomain(name, xml)
         self._emit(name, "started", None)
+        if dom.claim_socket is not None:
+            threading.Thread(target=dom.play_warm_guest, daemon=True).start()
         return dom
 
     def our_domains(self, namespace):
@@ -124,6 +146,11 @@ class FakeHost:
     def metadata(self, dom, namespace):
         return dom.metadata
 
+    def set_metadata(self, dom, namespace, prefix, xml):
+        self.calls.append(("set_metadata", dom.name()))
+        self._maybe_fail("set_metadata", f"cannot set the metadata of {dom.name()}")
+        dom.metadata = xml
+
     def set_memory_hard_limit(self, dom, limit_bytes):
         self._maybe_fail("set_memory_hard_limit", f"cannot set the memory limit of {dom.name()}")
         self.hard_limits[dom.name()] = limit_bytes
@@ -149,7 +176,7 @@ class FakeHost:
         ``stop(name, "shutdown")``."""
         dom = self.domains[name]
         nonce = _nonce_of(dom)
-        with open(dom.stdout, "ab") as f:
+        with open(_stdout_of(dom), "ab") as f:
             f.write(channel.exit_line(nonce, code))
         self.qemu_exits(name)
         if teardown:
@@ -181,8 +208,18 @@ class FakeHost:
             fn(event, detail)
 
 
+def _stdout_of(dom):
+    """Where the domain's task channel is logged now. QEMU keeps its log open across a rename of
+    its directory (a warm VM claimed: vmiso/warm.py); the fake follows the metadata instead."""
+    if os.path.isdir(os.path.dirname(dom.stdout)):
+        return dom.stdout
+    record = domain_xml.parse_metadata(dom.metadata) or {}
+    return os.path.join(record.get("workdir", ""), "containers", record.get("container", ""),
+                        os.path.basename(dom.stdout))
+
+
 def _nonce_of(dom):
     """The launch's nonce, from the container's checkpoint beside its stdout log."""
     from .. import state
 
-    return state.read(os.path.dirname(dom.stdout)).nonce
+    return state.read(os.path.dirname(_stdout_of(dom))).nonce

@@ -18,6 +18,7 @@ QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 CPU_PERIOD_US = 100_000
 TASK_CHANNEL_PORT = 1  # serial ports: 0 the boot console, 1 the task's stdout (and stop requests), 2 stderr
 STDIN_PORT_NAME = "vmiso.stdin"  # the virtio-serial port the guest wrapper gives the task as stdin
+CLAIM_PORT_NAME = "vmiso.claim"  # a warm VM's: its task's seed files arrive there (vmiso/pool.py)
 # A virtio balloon lets update() change guest memory live (a guest without the driver ignores it).
 # Boot cost under TCG, `vmiso run -- true` end to end, 5 interleaved pairs: median 6.29 s with it,
 # 6.11 s without, within the noise of the run (±1 s).
@@ -89,6 +90,9 @@ class DomainConfig:
     # The task's stdin: a virtio-serial port (STDIN_PORT_NAME) whose host end connects to a unix
     # socket vmiso listens on (virt/stdin.py); None: no such port.
     stdin_socket: Optional[str] = None
+    # A warm (pool) VM's claim port: a virtio-serial port (CLAIM_PORT_NAME) whose host end
+    # connects to a unix socket the pool listens on; the task's seed files arrive there.
+    claim_socket: Optional[str] = None
     # (uid, gid) QEMU runs as instead of libvirt's configured user (a local user's container).
     # libvirt then chowns the container's files to it while the VM runs (its own private files
     # too: relabel='no' leaves QEMU unable to read libvirt's master key), so nothing shared may
@@ -176,13 +180,16 @@ class DomainConfig:
                 serial = ET.SubElement(devices, "serial", type="null")
             ET.SubElement(serial, "log", file=path, append="off")
             ET.SubElement(serial, "target", port=str(port))
-        if self.stdin_socket:
-            ET.SubElement(devices, "controller", type="virtio-serial", index="0", ports="1")
+        channels = [(path, name) for path, name in ((self.stdin_socket, STDIN_PORT_NAME),
+                                                    (self.claim_socket, CLAIM_PORT_NAME)) if path]
+        if channels:
+            ET.SubElement(devices, "controller", type="virtio-serial", index="0", ports=str(len(channels)))
+        for path, name in channels:
             chan = ET.SubElement(devices, "channel", type="unix")
             # mode connect: QEMU connects while it starts, before the guest runs, so the port is
-            # open (host_connected) when the task first reads, and our hang-up becomes its EOF.
-            ET.SubElement(chan, "source", mode="connect", path=self.stdin_socket)
-            ET.SubElement(chan, "target", type="virtio", name=STDIN_PORT_NAME)
+            # open (host_connected) when the guest first reads, and our hang-up becomes its EOF.
+            ET.SubElement(chan, "source", mode="connect", path=path)
+            ET.SubElement(chan, "target", type="virtio", name=name)
         ET.SubElement(devices, "controller", type="usb", model="none")
         ET.SubElement(devices, "memballoon", model="virtio" if self.balloon else "none")
         if self.root_bus_devices:
@@ -245,6 +252,15 @@ def _interface_element(nic):
     return el
 
 
+def metadata_xml(record):
+    """Our metadata element for ``record`` (key -> value) as XML text, for Host.set_metadata:
+    without a namespace of its own (libvirt puts it in the namespace and prefix it is given)."""
+    inst = ET.Element("instance")
+    for key, value in record.items():
+        _text(inst, key, str(value))
+    return ET.tostring(inst, encoding="unicode")
+
+
 def parse_metadata(xml_text):
     """The key -> value record inside our metadata element (None if it is not ours)."""
     if not xml_text:
@@ -260,7 +276,7 @@ def parse_metadata(xml_text):
 
 def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot,
            interfaces=(), quick_cpu_probe=False, control_socket=None,
-           filesystems=(), stdin_socket=None, system_disk=None, dac_label=None):
+           filesystems=(), stdin_socket=None, system_disk=None, dac_label=None, claim_socket=None):
     """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
     and cmdline for direct kernel boot, or None to boot the disk (a cloud image).
     ``system_disk``: micro's root as a shared read-only vdc (a container image's task: the
@@ -294,5 +310,6 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         dropped_qemu_caps=(cpuprobe.CAPABILITY,) if quick_cpu_probe else (),
         task_channel_socket=str(control_socket) if control_socket else None,
         filesystems=tuple(filesystems), stdin_socket=str(stdin_socket) if stdin_socket else None,
+        claim_socket=str(claim_socket) if claim_socket else None,
         dac_label=tuple(dac_label) if dac_label is not None else None,
     )

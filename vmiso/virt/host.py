@@ -309,6 +309,15 @@ class Host:
             if err.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
                 raise translate(err, f"cannot destroy {dom.name()}") from err
 
+    def set_metadata(self, dom, namespace, prefix, xml):
+        """Replace the running domain's metadata element in ``namespace`` (live only: vmiso's
+        domains are transient). A warm VM gets its task's container id this way at claim."""
+        try:
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, prefix, namespace,
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            raise translate(err, f"cannot set the metadata of {dom.name()}") from err
+
     def metadata(self, dom, namespace):
         """The domain's metadata element in ``namespace`` as XML text, or None."""
         try:

@@ -1,0 +1,147 @@
+"""The warm pool's logic on the FakeHost (which plays micro's init on the claim port): VMs
+booted ahead up to the size and the memory cap, a fitting launch claims one and sends the
+task's seed files, a crashed pool VM is replaced, a claim that fails destroys its VM, and a dead
+owner's pool VMs are destroyed by recover(). The guest side (micro-init) is tested with real VMs
+in tests/system/test_warm.py."""
+import io
+import os
+import subprocess
+import tarfile
+
+import pytest
+
+from vmiso import InvalidSpec, Isolator, LaunchFailed, PoolConfig, Resources, TaskSpec, isolator
+from vmiso.testing.fakehost import FakeHost
+
+AGENT = "agent-fake"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    monkeypatch.setattr(isolator, "EXIT_LINE_GRACE", 0.05)
+    monkeypatch.setattr(isolator, "RELEASE_RECHECK", 0.05)
+
+
+@pytest.fixture
+def host():
+    return FakeHost()
+
+
+def make(tmp_path, host, base, **config):
+    iso = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    iso.pool.configure(PoolConfig(image=base, refill_delay_s=0, **config)) if config else None
+    return iso
+
+
+def pool_domains(host):
+    return sorted(n for n in host.domains if n.startswith("vmiso-pool-"))
+
+
+def claimed_files(dom):
+    assert dom.claim_done.wait(10)
+    with tarfile.open(fileobj=io.BytesIO(dom.claimed)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_a_fitting_launch_claims_a_ready_vm_and_the_pool_refills(tmp_path, host, base):
+    iso = make(tmp_path, host, base, size=1)
+    assert iso.pool.wait_ready(1, timeout=10)
+    (first,) = pool_domains(host)
+    status = iso.launch("c1", TaskSpec(["echo", "hi"], image=base))
+    assert status.state == "RUNNING" and status.domain == first  # the warm VM is the container's now
+    assert iso.timeline("c1").keys() >= {"launch:claim", "launch:dir", "launch:running"}
+    files = claimed_files(host.domains[first])
+    assert files["vmiso/argv"] and files["vmiso/nonce"] and files["vmiso/task.sh"] and len(files["entropy"]) == 64
+    assert b'"local-hostname": "c1"' in files["meta-data"] and int(files["clock"]) > 0
+    assert "c1" in iso.containers() and not any(n.startswith(".pool-") and n.endswith(first[-12:])
+                                                 for n in os.listdir(iso.workdir.containers))
+    assert iso.pool.wait_ready(1, timeout=10)  # a replacement was booted
+    assert len(pool_domains(host)) == 2  # the claimed one (running c1) and the new one
+    host.guest_exits(first, 0)
+    assert iso.wait("c1", timeout=10).exit_code == 0
+    iso.destroy("c1")
+    iso.pool.close()
+    assert pool_domains(host) == [] and iso.containers() == []
+    assert not [n for n in os.listdir(iso.workdir.containers) if n.startswith(".pool-")]
+
+
+def test_two_warm_tasks_get_different_vms_identities_and_entropy(tmp_path, host, base):
+    iso = make(tmp_path, host, base, size=2)
+    assert iso.pool.wait_ready(2, timeout=10)
+    a = iso.launch("task-a", TaskSpec(["true"], image=base)).domain
+    b = iso.launch("task-b", TaskSpec(["true"], image=base)).domain
+    fa, fb = claimed_files(host.domains[a]), claimed_files(host.domains[b])
+    assert a != b and fa["entropy"] != fb["entropy"] and fa["vmiso/nonce"] != fb["vmiso/nonce"]
+    assert fa["meta-data"] != fb["meta-data"]
+    iso.pool.close()
+
+
+def test_launches_that_do_not_fit_boot_cold(tmp_path, host, base):
+    iso = make(tmp_path, host, base, size=1)
+    assert iso.pool.wait_ready(1, timeout=10)
+    for cid, spec in (("mem", TaskSpec(["true"], image=base, resources=Resources(mem_mib=512))),
+                      ("disk", TaskSpec(["true"], image=base, resources=Resources(disk_gib=1))),
+                      ("stdin", TaskSpec(["cat"], image=base, stdin=b"x"))):
+        assert iso.launch(cid, spec).domain == "vmiso-" + cid
+    assert iso.pool.status()["ready"] == 1 and iso.pool.stats["claims"] == 0
+    iso.pool.close()
+
+
+def test_a_crashed_pool_vm_is_replaced(tmp_path, host, base):
+    iso = make(tmp_path, host, base, size=1)
+    assert iso.pool.wait_ready(1, timeout=10)
+    (first,) = pool_domains(host)
+    host.stop(first, "crashed")
+    assert iso.pool.wait_ready(1, timeout=10)
+    (second,) = pool_domains(host)
+    assert second != first and iso.pool.stats["replaced"] == 1
+    iso.pool.close()
+
+
+def test_the_memory_cap_bounds_the_pool(tmp_path, host, base):
+    iso = make(tmp_path, host, base)
+    one = iso.pool.vm_bytes(PoolConfig(image=base)) >> 20
+    with pytest.raises(InvalidSpec):
+        iso.pool.configure(PoolConfig(image=base, size=2, max_mem_mib=one - 1))
+    iso.pool.configure(PoolConfig(image=base, size=5, max_mem_mib=2 * one + one // 2))
+    assert iso.pool.wait_ready(2, timeout=10) and not iso.pool.wait_ready(3, timeout=0.3)
+    status = iso.pool.status()
+    assert status["target"] == 2 and len(pool_domains(host)) == 2
+    assert status["mem_bytes"] <= status["cap_bytes"]
+    iso.pool.configure(PoolConfig(image=base, size=1))  # shrinking destroys the surplus
+    assert len(pool_domains(host)) == 1
+    iso.pool.close()
+
+
+def test_a_failed_claim_destroys_its_vm_and_leaves_nothing(tmp_path, host, base):
+    iso = make(tmp_path, host, base, size=1)
+    assert iso.pool.wait_ready(1, timeout=10)
+    (first,) = pool_domains(host)
+    host.fail_next["set_metadata"] = 1
+    with pytest.raises(LaunchFailed):
+        iso.launch("c1", TaskSpec(["true"], image=base))
+    assert first not in host.domains and iso.containers() == []
+    assert not os.path.exists(iso.workdir.container_dir("c1"))
+    iso.pool.close()
+
+
+def test_a_dead_owners_full_pool_leaves_no_vm_after_recover(tmp_path, host, base):
+    owner = make(tmp_path, host, base, size=2)
+    assert owner.pool.wait_ready(2, timeout=10)
+    with owner.pool.cond:
+        owner.pool.closed = True  # the process dies: no refill, nobody holds the VMs
+        owner.pool.slots.clear()
+        owner.pool.cond.notify_all()
+    host.close()
+    again = make(tmp_path, host, base)
+    report = again.recover()
+    assert len(report.pool) == 2 and pool_domains(host) == []
+    assert not [n for n in os.listdir(again.workdir.containers) if n.startswith(".pool-")]
+    assert report.orphans == []  # pool VMs are the pool's to destroy, not orphans

@@ -1,0 +1,103 @@
+"""A launch into a warm VM (vmiso/pool.py): Isolator.launch's path when its pool has a ready VM
+of the task's image and size class.
+
+Named steps, as a cold launch's (fault points and the benchmark's timeline):
+  launch:claim     the VM taken from the pool, the container's LAUNCHING checkpoint in its
+                   directory (under the launch lock), the domain's metadata naming the container
+  launch:dir       the directory renamed to containers/<id>
+  launch:running   the task's seed files written to the claim port; RUNNING checkpoint
+A crash at any step leaves what recover() cleans: before the rename a pool directory and a pool
+domain (destroyed as a dead pool's), after it a LAUNCHING container whose domain names it
+(failed and destroyed, as an interrupted cold launch).
+"""
+import os
+import secrets
+import time
+
+from . import state
+from .accounting import live as accounting
+from .container import LAUNCH_LOCK, Container, guest_hostname, hold_launch_lock
+from .errors import AlreadyExists, LaunchFailed, VmisoError
+from .image import seed
+from .isolator import new_uuid
+from .spec import ContainerStatus
+from .virt import domain
+
+ENTROPY_BYTES = 64
+
+
+def launch(iso, container_id, spec, image, task, slot, started, resolved) -> ContainerStatus:
+    """Run ``task`` in the claimed pool VM ``slot``; the ContainerStatus. LaunchFailed leaves
+    nothing (the VM is destroyed: it was meant for this task only)."""
+    target = str(iso.workdir.container_dir(container_id))
+    checkpoint = state.Checkpoint(
+        container_id=container_id, agent_id=iso.agent_id, domain=slot.domain,
+        nonce=secrets.token_hex(16), boot_id=state.boot_id(), accel=iso.accel.name,
+        image=image.name, base=image.base, created_at=time.time(),
+        deadline=time.time() + spec.timeout if spec.timeout else None,
+    )
+    checkpoint.extra.update(limits=accounting.limits_record(spec.resources), disk_bytes=image.virtual_size,
+                            warm=slot.id)
+    c = Container(container_id, slot.dir, checkpoint)
+    c.timeline.update({"launch:start": started, "launch:image": resolved})
+    with iso._lock:
+        if container_id in iso._containers or os.path.lexists(target):
+            iso.pool.release(slot)
+            raise AlreadyExists("container", container_id)
+        c.op.acquire()
+        iso._containers[container_id] = c
+    step, lock_fd = "claim", None
+    try:
+        lock_fd = hold_launch_lock(slot.dir)
+        state.write(slot.dir, checkpoint, durable=False)
+        record = {"agent": iso.agent_id, "container": container_id, "boot-id": checkpoint.boot_id,
+                  "workdir": str(iso.workdir.root)}
+        iso.host.set_metadata(slot.dom, domain.METADATA_NS, domain.METADATA_PREFIX, domain.metadata_xml(record))
+        iso._step(c, "launch:claim")
+        step = "dir"
+        os.rename(slot.dir, target)  # the VM's files are the container's from here on
+        c.dir = target
+        iso._step(c, "launch:dir")
+        step = "running"
+        iso.host.watch(c.domain, lambda event, detail: iso._on_lifecycle(c, event, detail))
+        iso.host.watch_exit(c.domain, lambda: iso._on_exit(c))
+        files = seed.seed_files(instance_id=new_uuid(), hostname=guest_hostname(container_id),
+                                argv=task.argv, env=task.env, nonce=checkpoint.nonce,
+                                workdir=task.workdir, data_files={})
+        files["entropy"] = os.urandom(ENTROPY_BYTES)
+        files["clock"] = b"%d\n" % int(time.time())
+        iso.pool.send(slot, files)
+        checkpoint.phase = state.RUNNING
+        state.write(c.dir, checkpoint)
+        iso._step(c, "launch:running")
+    except BaseException as err:
+        _undo(iso, c, slot)
+        if lock_fd is not None:
+            os.close(lock_fd)
+        c.op.release()
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise LaunchFailed(container_id, step, err) from err
+    os.unlink(c.path(LAUNCH_LOCK))
+    os.close(lock_fd)
+    c.op.release()
+    iso._arm_timer(c)
+    return iso.status(container_id)
+
+
+def _undo(iso, c, slot):
+    """A failed claim: the VM is destroyed (never returned to the pool: it may have seen part
+    of this task), its directory removed wherever it is, the record forgotten."""
+    iso.host.unwatch(c.domain)
+    iso.host.unwatch_exit(c.domain)
+    with c.cond:
+        c.removed = True
+    try:
+        iso.host.destroy(slot.dom)
+    except VmisoError:
+        pass
+    iso.pool.release(slot)
+    if c.dir != slot.dir:
+        iso.workdir.remove_container_dir(c.id)
+    with iso._lock:
+        iso._containers.pop(c.id, None)
