@@ -30,6 +30,13 @@ def register(sub):
     p.add_argument("--socket-mode", type=lambda text: int(text, 8), default=0o666, metavar="MODE",
                    help="the socket's mode (default 666: every local user may connect; the policy decides "
                         "what they may do)")
+    p.add_argument("--pool", type=int, default=0, metavar="N",
+                   help="keep N warm micro VMs booted ahead: launches of micro that fit --pool-cpus/--pool-mem "
+                        "and need no network, stdin or volumes start in one (default 0: none)")
+    p.add_argument("--pool-cpus", type=float, default=1.0, metavar="CPUS", help="the warm VMs' CPUs (1)")
+    p.add_argument("--pool-mem", type=int, default=256, metavar="MiB", help="the warm VMs' memory (256)")
+    p.add_argument("--pool-cap", type=int, default=None, metavar="MiB",
+                   help="at most this much memory held by warm VMs, QEMU's overhead included (default: no cap)")
     p.set_defaults(func=agent)
 
 
@@ -57,6 +64,11 @@ def agent(args):
         report = iso.recover()
         log.info("recovered %s: %d running, %d ended, %d of other agents", workdir.root, len(report.running),
                  len(report.terminated), len(report.foreign))
+        if args.pool:
+            from ..pool import PoolConfig
+
+            iso.pool.configure(PoolConfig(size=args.pool, cpus=args.pool_cpus, mem_mib=args.pool_mem,
+                                          max_mem_mib=args.pool_cap))
         server.bind()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: server.stop())
@@ -66,6 +78,7 @@ def agent(args):
         log.info("stopped; running VMs are left as they are")
     finally:
         server.close()
+        iso.pool.close()  # warm VMs die with their pool (the next agent boots its own)
         iso.host.close()
         os.close(lock)
     return 0

@@ -22,6 +22,22 @@ def checks(args):
     yield from _libvirt(args)
     yield _micro(args)
     yield _agent(args)
+    yield _pool(args)
+
+
+def _pool(args):
+    """The warm pool its owner (the agent, or an in-process Isolator) last reported."""
+    from ..pool import read_status
+
+    status = read_status(args.workdir)
+    if status is None:
+        return ("pool", OK, "no warm VMs (vmiso agent --pool N, or Isolator(pool=PoolConfig(...)))")
+    config = status["config"]
+    cap = f", cap {status['cap_bytes'] >> 20} MiB" if status.get("cap_bytes") else ""
+    return ("pool", OK, f"{status['ready']} ready, {status['booting']} booting of {status['target']} "
+                        f"({config['image']}, {config['cpus']:g} CPU, {config['mem_mib']} MiB; "
+                        f"{status['mem_bytes'] >> 20} MiB held{cap}), owner pid {status['owner_pid']}; "
+                        f"{status['claims']} claims, {status['misses']} misses")
 
 
 def _tools():
