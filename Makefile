@@ -1,4 +1,4 @@
-# The one entry point for set-up, demo and tests (README, CI and developers use these targets).
+# The one entry point for set-up, demo and tests (the docs, CI and developers use these targets).
 VENV := .venv
 PY := $(VENV)/bin/python
 VMISO := $(VENV)/bin/vmiso
@@ -17,7 +17,7 @@ demo: micro
 	$(VMISO) run -- sh -c 'echo "hello from $$(uname -n), kernel $$(uname -r)"; echo "this line went to stderr" >&2; exit 3'; \
 	  echo "vmiso run exited with $$? (the task's own exit code)"
 
-# The agent (README "The agent"): systemctl where systemd runs, by hand (scripts/agent.sh) here.
+# The agent (docs/operations.md, "The agent"): systemctl where systemd runs, by hand (scripts/agent.sh) here.
 agent: micro
 	bash scripts/agent.sh start
 

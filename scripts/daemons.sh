@@ -4,7 +4,7 @@
 #
 # Without systemd, libvirtd runs under tini as a subreaper. QEMU processes are orphans (libvirt
 # daemonises them), so whoever reaps orphans decides how soon libvirt sees a VM gone: on hosts
-# whose PID 1 reaps late (some container and microVM inits, ~1.4 s measured here) that delay was
+# whose PID 1 reaps late (some container and microVM inits; docs/performance.md) that delay was
 # added to every task's teardown. tini reaps at once.
 set -euo pipefail
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One set-up path for README, CI and tests: Debian packages, the venv, /dev/kvm, the daemons.
+# One set-up path for the docs (docs/operations.md), CI and tests: Debian packages, the venv, /dev/kvm, the daemons.
 # Idempotent: every step checks before it acts, so a second run takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # /dev/kvm: group kvm, mode 0660, as udev sets it. Without this libvirt's capability cache never
-# matches and every createXML re-probes QEMU (36-51 s). See HOST.md.
+# matches and every createXML re-probes QEMU (tens of seconds: docs/performance.md).
 if [ -e /dev/kvm ]; then
   chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
 fi
@@ -55,7 +55,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
   echo "$inputs" > "$stamp"
 fi
 
-# Local users (README "The agent"). Members of group vmiso may run VMs through the agent.
+# Local users (docs/operations.md, "The agent"). Members of group vmiso may run VMs through the agent.
 getent group vmiso >/dev/null || { log "creating group vmiso"; groupadd --system vmiso; }
 # A local user's QEMU runs as that user with QEMU's group (Isolator.launch(uid=)). libvirt gives
 # every domain a 0750 directory of its own under /var/lib/libvirt/qemu, which Debian makes 0750
@@ -65,7 +65,7 @@ getent group vmiso >/dev/null || { log "creating group vmiso"; groupadd --system
 # The client ordinary users run (/opt/vmiso, on PATH as /usr/local/bin/vmiso).
 bash scripts/client.sh
 
-# The agent's systemd unit where systemd runs (started by `make agent`, not here: see README).
+# The agent's systemd unit where systemd runs (started by `make agent`, not here: see docs/operations.md).
 if [ -d /run/systemd/system ]; then
   sed "s|@VMISO@|$PWD/.venv/bin/vmiso|" scripts/vmiso-agent.service > /etc/systemd/system/vmiso-agent.service
   systemctl daemon-reload

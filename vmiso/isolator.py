@@ -187,7 +187,7 @@ class Isolator:
         try:
             self._step(c, "launch:dir")
             step = "checkpoint"
-            # Not fsynced (7 ms of 9 in host preparation, measured): a crashed process leaves it
+            # Not fsynced (most of the host preparation's time, docs/performance.md): a crashed process leaves it
             # in the page cache; after power loss no VM is left to find. RUNNING fsyncs both.
             state.write(directory, checkpoint, durable=False)
             self._step(c, "launch:checkpoint")

@@ -256,7 +256,7 @@ class TaskSpec:
     timeout: Optional[float] = None
     workdir: Optional[str] = None
     network: Optional[NetworkSpec] = None
-    # Data in and out (README "Getting data in and out"): host directories shared into the guest;
+    # Data in and out (docs/cli.md, "Data in and out"): host directories shared into the guest;
     # a Mesos sandbox, a host directory mounted at MESOS_SANDBOX (also $MESOS_SANDBOX and the
     # default working directory); the task's stdin: bytes, a path or a binary file object, read
     # as the guest takes it (None: empty).

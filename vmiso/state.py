@@ -71,7 +71,8 @@ class Checkpoint:
 def write(directory, checkpoint, durable=True):
     """Atomically replace ``directory``/checkpoint.json with ``checkpoint``. ``durable=False``
     skips the fsyncs: no VM survives the power loss it would guard against (launch's LAUNCHING
-    record, -7 ms). recover() removes the temp files of writers that died."""
+    record: most of the host preparation's time, docs/performance.md). recover() removes the
+    temp files of writers that died."""
     files.write_atomic(os.path.join(directory, CHECKPOINT), checkpoint.to_json(), 0o600, durable=durable)
 
 

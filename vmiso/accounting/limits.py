@@ -6,10 +6,10 @@ translated code. A hard limit of just the guest's RAM gets QEMU OOM-killed. The 
 
     hard_limit = guest + 96 MiB + 8 MiB x vCPUs + guest / 64   (+ 128 MiB under TCG)
 
-Measured on the development machines (QEMU 7.2, TCG, micro guest, 256 MiB, 1 vCPU, all guest
-memory touched): the cgroup was charged 321 MiB, i.e. 65 MiB over the guest's RAM; the formula
-gives 492 MiB. QEMU's shared libraries (~75 MiB resident) are charged to whichever cgroup first
-read them, usually not the VM's; the base term leaves room for when they are.
+The formula leaves room above what a guest with all its memory touched was measured to be
+charged (docs/performance.md, "QEMU's memory overhead"). QEMU's shared libraries are charged to
+whichever cgroup first read them, usually not the VM's; the base term leaves room for when they
+are.
 
 It is applied through libvirt (``<memtune><hard_limit>`` at launch, ``setMemoryParameters`` on
 update), not by writing the cgroup: libvirt owns the VM's cgroups, re-applies its own values

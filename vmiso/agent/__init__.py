@@ -1,5 +1,5 @@
 """The vmiso agent: a long-running process that owns one work directory and serves the
-``Isolator`` API to local users over a unix socket (README "The agent").
+``Isolator`` API to local users over a unix socket (docs/operations.md, "The agent").
 
     server.py    the HTTP+JSON server on the unix socket, its bounds, the endpoints
     protocol.py  what travels on the socket: specs, statuses, frames, error kinds (no libvirt)

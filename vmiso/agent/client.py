@@ -119,7 +119,7 @@ class RemoteIsolator:
         except (FileNotFoundError, ConnectionRefusedError) as err:
             sock.close()
             raise HostError(f"no vmiso agent answers at {self.socket_path} ({err.strerror}): ordinary users run "
-                            f"vmiso through the agent root starts ('vmiso agent'; README \"The agent\")") from None
+                            f"vmiso through the agent root starts ('vmiso agent'; docs/operations.md)") from None
         except OSError as err:
             sock.close()
             raise HostError(f"cannot reach the vmiso agent at {self.socket_path}: {err.strerror}") from None

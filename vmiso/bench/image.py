@@ -99,7 +99,7 @@ def _launches(iso, n, mem_mib, note):
 
 
 def run(workdir="/var/lib/vmiso", n=5, imports=1, mem_mib=256, uri=None, accel="auto", progress=None):
-    """Measure; return the result object (keys: README, "Container images")."""
+    """Measure; return the result object (keys: docs/performance.md, "Container images")."""
     from ..image import micro
     from ..isolator import Isolator
     from ..paths import Workdir

@@ -146,7 +146,7 @@ def baseline_once(conn, workdir, base, boot, accel, command, mem_mib=256):
     marks = prototype.once(conn, workdir, base, boot, accel, command, mem_mib)
     # Untimed: the prototype just wrote and deleted a 1 GiB copy. Without this, the file system's
     # commit of that runs into the next vmiso launch and slows its file creation (host
-    # preparation medians drifted from 2.9 to 6.3 ms over three interleaved runs; 2.5-3.2 alone).
+    # preparation drifted upwards over interleaved runs: docs/performance.md).
     os.sync()
     ok = marks.pop("ok")
     return _relative(marks, marks.pop("start"), ok)

@@ -31,9 +31,11 @@ def register(sub):
     p.add_argument("--grace", type=float, default=5.0, metavar="S", help="seconds before a hard stop (5)")
     p.set_defaults(func=kill)
 
-    p = sub.add_parser("rm", help="remove a container (killing it first if it runs)")
+    p = sub.add_parser("rm", help="remove a container (killing it first if it runs)",
+                       description="Kill the container if it runs (SIGTERM to the task, a hard stop after "
+                                   "--grace seconds), then remove its VM, files and record.")
     p.add_argument("id", nargs="+")
-    p.add_argument("--grace", type=float, default=5.0, metavar="S")
+    p.add_argument("--grace", type=float, default=5.0, metavar="S", help="seconds before a hard stop (5)")
     p.set_defaults(func=rm)
 
     p = sub.add_parser("logs", help="print a container's boot console (or its task output)",

@@ -38,12 +38,12 @@ def build_parser():
     parser.add_argument("--workdir", default=os.environ.get("VMISO_WORKDIR", "/var/lib/vmiso"),
                         help="work directory (default: $VMISO_WORKDIR or /var/lib/vmiso)")
     parser.add_argument("--uri", default=os.environ.get("VMISO_URI", "qemu:///system"),
-                        help="libvirt connection URI (default: qemu:///system)")
+                        help="libvirt connection URI (default: $VMISO_URI or qemu:///system)")
     parser.add_argument("--agent-id", default=os.environ.get("VMISO_AGENT_ID", "vmiso"), metavar="ID",
                         help="act as this agent: only its containers can be killed, removed or "
                              "collected; others' are read-only (default: $VMISO_AGENT_ID or vmiso)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("VMISO_ACCEL", "auto"),
-                        help="accelerator: KVM where it really works, TCG otherwise (default: auto)")
+                        help="accelerator: KVM where it really works, TCG otherwise (default: $VMISO_ACCEL or auto)")
     parser.add_argument("--disk-reserve", type=_size_arg, default=os.environ.get("VMISO_DISK_RESERVE"),
                         metavar="SIZE", help="keep this much free on the work dir's file system: a launch that "
                                              "would not is refused (e.g. 10G; default: $VMISO_DISK_RESERVE or "

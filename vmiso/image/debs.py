@@ -1,7 +1,7 @@
 """Debian packages for the image builders: what apt's lists offer (without downloading), and the
 verified .deb files in a cache directory (downloaded once, checked against apt's SHA256).
 
-apt-cache takes ~0.7 s a call where its binary cache is disabled (Debian's container images), so
+apt-cache is slow where its binary cache is disabled (Debian's container images), so
 ``resolve`` keeps its answer in ``<cache>/resolved-<name>.json`` until apt's lists change.
 """
 import hashlib

@@ -56,7 +56,7 @@ MODULES = (
     "virtio_balloon",  # lets Isolator.update() change guest memory live
 )
 ROOT_SIZE = 1 << 30  # virtual; the qcow2 holds only what is written
-# With a journal: it boots no slower than without (measured, TCG) and keeps an overlay that is
+# With a journal: it boots no slower than without (docs/performance.md) and keeps an overlay that is
 # booted again after a killed VM consistent. Inode tables and journal are zeroed now, so the
 # guest kernel starts no ext4lazyinit thread (time under TCG, and it would grow every overlay).
 MKE2FS_OPTIONS = (
@@ -64,19 +64,19 @@ MKE2FS_OPTIONS = (
     "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
 )
 # quiet/loglevel: each console byte is a VM exit under TCG. cryptomgr.notests: the crypto
-# self-tests cost ~0.24 s under TCG. tsc=reliable, no_timer_check: no clocksource watchdog, no
+# self-tests are slow under TCG. tsc=reliable, no_timer_check: no clocksource watchdog, no
 # timer IRQ check. panic=-1: a panic reboots at once, which -no-reboot / on_reboot=destroy turn
 # into the VM's end.
 _COMMON_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 cryptomgr.notests tsc=reliable no_timer_check"
 # stock: the initramfs loads the virtio modules and mounts the root; i8042.*: no PS/2 probing.
 STOCK_CMDLINE = _COMMON_CMDLINE + " rdinit=/init i8042.noaux i8042.nokbd i8042.nopnp"
 # lean: virtio and ext4 are built in, so the kernel mounts the root itself. noapictimer: the
-# local APIC timer's calibration and emulation cost ~0.25 s a boot under TCG (measured); the
-# PIT drives the tick instead and the other vCPUs get it by broadcast (sleep 2 takes 2 s with
-# 2 vCPUs, measured). Revisit on KVM hosts, where the APIC timer is cheap. noreplace-smp: a
-# 1-vCPU guest otherwise rewrites every LOCK prefix of its kernel to run uniprocessor, a store
-# into kernel text at each site, which TCG makes slow (QEMU exec -> init exits: 0.44 s with the
-# rewrite, 0.36 s without, medians of 7; the prefixes cost a 1-vCPU guest next to nothing).
+# local APIC timer's calibration and emulation are slow under TCG; the PIT drives the tick
+# instead and the other vCPUs get it by broadcast (time still runs right with 2 vCPUs). Revisit
+# on KVM hosts, where the APIC timer is cheap. noreplace-smp: a 1-vCPU guest otherwise rewrites
+# every LOCK prefix of its kernel to run uniprocessor, a store into kernel text at each site,
+# which TCG makes slow (the prefixes cost a 1-vCPU guest next to nothing). What each of these
+# bought: docs/performance.md, "What each change bought".
 LEAN_CMDLINE = _COMMON_CMDLINE + " root=/dev/vda rootfstype=ext4 rw noapictimer noreplace-smp"
 GUEST_SCRIPTS = ("initramfs-init", "micro-init")
 _RECIPE = repr((BUILDER_VERSION, MODULES, ROOT_SIZE, MKE2FS_OPTIONS, STOCK_CMDLINE, LEAN_CMDLINE))
@@ -321,8 +321,8 @@ def _kernel_files(kernel, out, scratch, debs_found):
     """Put the kernel into ``out``; return (kernel_file, kernel_version, the unpacked stock kernel
     package or None for a lean kernel)."""
     if kernel is not None:
-        # Without its symbol table: QEMU reads and sorts the symbols of every -kernel it loads
-        # (QEMU exec -> QMP ready 37 -> 30 ms, medians of 9). The cache keeps the full vmlinux.
+        # Without its symbol table: QEMU reads and sorts the symbols of every -kernel it loads,
+        # at every start (docs/performance.md). The cache keeps the full vmlinux.
         run(["strip", "--strip-all", "-o", out / "vmlinux", kernel.vmlinux], timeout=120)
         return "vmlinux", kernel.release, None
     kernel_root = scratch / "kernel"

@@ -1,6 +1,6 @@
 """The PVH kernel for direct boot: a bzImage's payload unpacked to an ELF vmlinux whose PVH entry
 note lets QEMU start it in 32-bit mode directly, skipping the real-mode setup and the in-guest
-decompression (-0.34 s a boot under TCG, measured). Without a tool for the payload's format the
+decompression, both slow under TCG (docs/performance.md). Without a tool for the payload's format the
 bzImage is kept as it is.
 """
 import lzma

@@ -2,7 +2,7 @@
 
 Every function opens its own short-lived IPRoute socket: a socket is bound to the network
 namespace of the thread that opened it, and vmiso's calls are few and far between (launch and
-destroy), so a fresh socket is both correct after a namespace switch and cheap (~0.1 ms).
+destroy), so a fresh socket is both correct after a namespace switch and cheap.
 pyroute2 is imported here, on first use, never when vmiso is imported.
 """
 import contextlib

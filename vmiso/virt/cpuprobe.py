@@ -2,8 +2,8 @@
 
 When QEMU has the ``unavailable-features`` CPU property (QEMU >= 4.1), libvirt reads the
 guest's CPU after starting QEMU with one QMP ``qom-get`` per boolean property of the vCPU
-object: about 400 round trips, 0.25-0.3 s of every ``createXML`` on this host (libvirt 9.0,
-QEMU 7.2; `vmiso bench launch`, medians of 5: createXML 0.38 s with it, 0.11 s without).
+object: about 400 round trips, most of every ``createXML`` under libvirt 9.0 with QEMU 7.2 (the
+numbers: docs/performance.md, "libvirt's CPU probe").
 Without that capability, libvirt uses the path it has always used for older QEMUs: two
 ``qom-get`` calls (``feature-words``, ``filtered-features``) read the same x86 feature set.
 

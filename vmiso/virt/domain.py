@@ -20,8 +20,8 @@ TASK_CHANNEL_PORT = 1  # serial ports: 0 the boot console, 1 the task's stdout (
 STDIN_PORT_NAME = "vmiso.stdin"  # the virtio-serial port the guest wrapper gives the task as stdin
 CLAIM_PORT_NAME = "vmiso.claim"  # a warm VM's: its task's seed files arrive there (vmiso/pool.py)
 # A virtio balloon lets update() change guest memory live (a guest without the driver ignores it).
-# Boot cost under TCG, `vmiso run -- true` end to end, 5 interleaved pairs: median 6.29 s with it,
-# 6.11 s without, within the noise of the run (±1 s).
+# Its boot cost was within the noise when measured (docs/performance.md, "Numbers behind code
+# comments"); re-measure with `vmiso bench launch` before removing it to save time.
 BALLOON = True
 
 
@@ -299,8 +299,9 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         memory_mib=resources.mem_mib, disks=disks, serial_logs=tuple(str(p) for p in logs),
         metadata=metadata, cpu_quota_us=quota, interfaces=tuple(interfaces),
         balloon=BALLOON,
-        # Under TCG, about -0.2 s (CPU and wall) to guest userspace: medians of 8 alternated launches,
-        # noisy (bench/launch.py; the balloon stays for update() although it costs some of that).
+        # Devices on the root bus and no HPET, vmport or PMU: less for the guest kernel to probe,
+        # a faster boot under TCG (docs/performance.md; the balloon stays for update() although
+        # it costs some of that).
         root_bus_devices=True, lean_platform=True,
         # qboot starts a direct-boot kernel faster than SeaBIOS; disks need a real BIOS.
         firmware_rom=QBOOT_ROM if boot is not None and os.path.exists(QBOOT_ROM) else None,

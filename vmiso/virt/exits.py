@@ -2,9 +2,10 @@
 
 libvirt reports a domain stopped only once its own teardown is done: after QEMU exits it sends
 SIGTERM, finds the (exiting) process still there and sleeps 200 ms before it looks again
-(README "Launch latency"). The task's exit status is known before that: the exit line is on the
-task channel and QEMU is gone. This watcher tells the Isolator when QEMU's process has exited, so
-it can record the termination then and leave the cleanup to libvirt's stopped event.
+(docs/performance.md, "Where a launch's time goes"). The task's exit status is known before
+that: the exit line is on the task channel and QEMU is gone. This watcher tells the Isolator when
+QEMU's process has exited, so it can record the termination then and leave the cleanup to
+libvirt's stopped event.
 
 A pidfd (``os.pidfd_open``, Linux ≥ 5.3) becomes readable when the process exits, whoever its
 parent is (QEMU is daemonised by libvirt); no polling, no signals. Where a pidfd cannot be had

@@ -9,7 +9,7 @@ are initialised now, so no guest starts an ext4lazyinit thread (time under TCG, 
 every overlay).
 
 Raw, not qcow2: a guest started no slower from a qcow2 overlay on the raw base than on a qcow2
-one, and read the whole tree as fast (README, "Container images"); raw also spares the
+one, and read the whole tree as fast (docs/performance.md, "Container images"); raw also spares the
 conversion. Its cost is at import: the store hashes the whole virtual size, holes included.
 """
 import os
