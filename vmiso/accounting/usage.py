@@ -141,7 +141,7 @@ class Collector:
         if self._mounts is None:
             self._mounts = cgroups.mounts(self.mountinfo)
         files = cgroups.vm_files(target.pid, self._mounts, self.proc, target.overlay)
-        _ensure_fd_room(len(self._open) * _FILES_PER_VM + len(files))
+        ensure_fd_room(len(self._open) * _FILES_PER_VM + len(files))
         vm = self.impl.VM(target.key, files, tap=target.tap)  # reads the limits
         # Read just now; dated back by the key's phase, so its first re-read comes sooner.
         self._open[target.key] = _Open(target.pid, vm, target, now - _phase(target.key))
@@ -222,7 +222,7 @@ def _sum(a, b):
     return a + b if a >= 0 and b >= 0 else None
 
 
-def _ensure_fd_room(needed):
+def ensure_fd_room(needed):
     """Kept descriptors: ~8 per VM, so 1000 VMs need more than the usual 1024. Raise the soft
     limit towards the hard one when we get close."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
