@@ -196,9 +196,14 @@ class RemoteIsolator:
     def info(self):
         return self._call("GET", "/info")
 
-    def launch(self, container_id, spec):
+    def launch(self, container_id, spec, hints=None):
+        """``hints``: what of the launch the caller left to defaults (server.py's _hints): inside
+        a Slurm job the agent names and sizes those after the job. The status names the
+        container the agent launched, which may not be ``container_id``."""
         path = "/containers/" + quote(validate_container_id(container_id), safe="")
         body = {"spec": protocol.spec_to_wire(spec)}
+        if hints:
+            body["hints"] = hints
         if spec.stdin is None:
             return protocol.status_from_wire(self._call("POST", path, body)["status"])
         code, _headers, reader, sock = self._open("POST", path, body, upgrade=protocol.STDIN_UPGRADE)
@@ -255,6 +260,11 @@ class RemoteIsolator:
         """The container's boot console log, in chunks."""
         for obj in self._frames(self._path(container_id, "console")):
             yield base64.b64decode(obj["data"])
+
+    def gc(self, job=None, prefixes=(), grace=2.0):
+        """Root's gc through the agent: ({id: termination dict or None}, {id: error}) removed/failed."""
+        obj = self._call("POST", "/gc", {"job": job, "prefixes": list(prefixes), "grace": grace})
+        return obj["removed"], obj["failed"]
 
     def stats(self, ids=None):
         """({id: ResourceStatistics}, {id: error text}) of the caller's running containers."""

@@ -19,11 +19,18 @@ Bounds (a local user must not starve the others):
 Ownership: every request acts as its caller (auth.Peer from SO_PEERCRED). An ordinary user's
 container records their uid (Isolator.launch(uid=)); another user's container, or root's, is
 "no such container" to them in every endpoint, with the same message as an id nobody uses.
+
+Slurm (jobs.py): a caller whose process is in a Slurm job's cgroups on this node launches into
+that job: the container is named after the job and step, sized within the job's allocation, its
+QEMU moved into the caller's cgroups, and bound to the job (bindings.py): the reaper removes it
+when the job has ended, as does the Epilog through the root-only ``POST /v1/gc``.
 """
+import dataclasses
 import http.server
 import json
 import logging
 import os
+import secrets
 import select
 import selectors
 import socket
@@ -34,7 +41,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import __version__
 from ..errors import Forbidden, InvalidSpec, NotFound, Timeout, VmisoError
-from . import auth, protocol
+from . import KEEP_ABANDONED_S, auth, bindings, jobs, protocol
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +54,18 @@ REQUEST_TIMEOUT_S = 10.0
 LIVENESS_S = 1.0   # how often a long request looks whether its client is still there
 LINGER_S = 1.0     # after the answer: how long, and how much, of a client's unread input is drained
 LINGER_BYTES = 1 << 20
+REAP_EVERY_S = 1.0         # how often bound containers are checked (job ended, client gone)
+SLURM_PREFIX = "slurm-"    # container names the agent gives Slurm jobs' containers only
 
 
 class Agent:
     """Serves ``iso`` (an Isolator, already recovered) on ``socket_path`` under ``policy``."""
 
-    def __init__(self, iso, policy, socket_path, socket_mode=0o666):
+    def __init__(self, iso, policy, socket_path, socket_mode=0o666, keep_abandoned=KEEP_ABANDONED_S):
         self.iso = iso
         self.policy = policy
+        self.keep_abandoned = keep_abandoned
+        self.bindings = bindings.Bindings(iso.workdir.root if iso.workdir is not None else None).load()
         self.socket_path = str(socket_path)
         self.socket_mode = socket_mode
         self._stop = threading.Event()
@@ -89,6 +100,7 @@ class Agent:
         self.listener = sock
 
     def serve_forever(self):
+        threading.Thread(target=self._reaper, name="vmiso-agent-reaper", daemon=True).start()
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ)
         sel.register(self._wake[0], selectors.EVENT_READ)
@@ -171,6 +183,13 @@ class Agent:
                 if not self._active[peer.uid]:
                     del self._active[peer.uid]
             self._close(conn, peer)
+
+    def _reaper(self):
+        while not self._stop.wait(REAP_EVERY_S):
+            try:
+                bindings.reap(self, self.bindings, self.keep_abandoned)
+            except Exception:  # the next pass tries again; serving goes on
+                log.exception("reaper")
 
     def stop(self):
         """Stop serving (SIGTERM): no new requests; running VMs are left exactly as they are."""
@@ -424,6 +443,20 @@ def launch(h, cid, query):
         raise InvalidSpec("stdin", f"a task with stdin is launched with Upgrade: {protocol.STDIN_UPGRADE}, "
                                    "and only such a task")
     peer, agent = h.peer, h.agent
+    hints = _hints(body.get("hints"))
+    # The caller's Slurm job, from the kernel and Slurm: its name, sizes and cgroups, never the
+    # SLURM_* variables the client saw (the name and sizes it sent are defaults only).
+    job = jobs.identify(h.connection, peer)
+    if job is not None:
+        cpus, mem_mib = jobs.size(job, spec.resources.cpus, spec.resources.mem_mib, hints["given"],
+                                  tcg=agent.iso.accel.name == "tcg")
+        spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, cpus=cpus, mem_mib=mem_mib))
+    if job is not None and hints["auto_name"]:
+        cid = _job_container_id(agent, job)
+    elif cid.startswith(SLURM_PREFIX) and not peer.root:
+        if not hints["auto_name"]:
+            raise Forbidden(f"names {SLURM_PREFIX}* are given to Slurm jobs' containers by the agent; choose another")
+        cid = "run-" + secrets.token_hex(4)  # a SLURM_JOB_ID outside a job on this node names nothing
     if upgrade:
         # The copy into the guest starts reading during the launch, and stdin may pause as long as
         # its source does (a person typing): no read timeout from here on.
@@ -435,6 +468,13 @@ def launch(h, cid, query):
             for volume in spec.volumes:
                 auth.check_path(peer.uid, volume.host, write=not volume.readonly)
         status = agent.iso.launch(cid, spec, uid=None if peer.root else peer.uid)
+        if job is not None:
+            try:
+                jobs.place(status.pid, job)
+            except VmisoError:
+                agent.iso.destroy(cid, grace=0)
+                raise
+        agent.bindings.bind(cid, job, peer.pid if hints["attached"] else None)
     if not upgrade:
         h._send(201, {"status": status.to_dict()})
         return
@@ -445,6 +485,32 @@ def launch(h, cid, query):
     while not stdin.eof.wait(LIVENESS_S):
         if agent.iso.status(cid).termination is not None:
             return
+
+
+def _hints(value):
+    """What the client says of a launch's defaults: ``auto_name`` (the id was not the user's
+    choice), ``given`` (the sizes the user asked for), ``attached`` (a ``vmiso run`` without -d
+    streams it and removes it when done)."""
+    value = value if isinstance(value, dict) else {}
+    given = value.get("given")
+    return {"auto_name": value.get("auto_name") is True, "attached": value.get("attached") is True,
+            "given": {g for g in given if g in ("cpus", "mem_mib")} if isinstance(given, list) else set()}
+
+
+def _job_container_id(agent, job):
+    """``slurm-<job>.<step>``, then ``.2``, ``.3``... when taken (by anyone: names are global)."""
+    from .. import slurm
+
+    def taken(name):
+        try:
+            agent.iso.status(name)
+            return True
+        except NotFound:
+            return False
+    env = {"SLURM_JOB_ID": job.job_id, "SLURM_STEP_ID": job.step}
+    if job.array_task:
+        env.update(SLURM_ARRAY_JOB_ID=job.array_job, SLURM_ARRAY_TASK_ID=job.array_task)
+    return slurm.container_id(env, taken) or f"{job.container_base}.{secrets.token_hex(3)}"
 
 
 def wait(h, cid, query):
@@ -489,7 +555,48 @@ def remove(h, cid, query):
         if not h.peer.root:
             h.agent.visible(h.peer, cid)  # root's rm of an unknown id is no error, as in-process
         termination = h.agent.iso.destroy(cid, grace=grace)
+        h.agent.bindings.drop(cid)
     h._send(200, {"termination": termination.to_dict() if termination else None})
+
+
+def gc(h, query):
+    """Root's ``vmiso gc`` (the Slurm Epilog's ``--job``) through the agent: with ``job``, every
+    container of that job (bound to it, or named ``slurm-<job>.``/a given prefix), running or not;
+    without, every ended container nobody's attached ``vmiso run`` still streams and every one
+    whose attached ``vmiso run`` died."""
+    if not h.peer.root:
+        raise Forbidden("vmiso gc is root's")
+    body = h._body()
+    job, grace = body.get("job"), _grace(body.get("grace"))
+    prefixes = body.get("prefixes") or []
+    if job is not None and not (isinstance(job, str) and job.isdigit() and len(job) <= 20):
+        raise InvalidSpec("job", f"{job!r} is not a Slurm job id")
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) and p.startswith(SLURM_PREFIX) for p in prefixes):
+        raise InvalidSpec("prefixes", f"must be a list of {SLURM_PREFIX}* names")
+    agent = h.agent
+    bound = agent.bindings.items()
+    if job is not None:
+        names = tuple([f"{SLURM_PREFIX}{job}."] + prefixes)
+        targets = set(agent.bindings.of_job(job)) | {c for c in agent.iso.containers() if c.startswith(names)}
+    else:
+        targets = set()
+        for status in agent.statuses(h.peer):
+            record = bound.get(status.container_id)
+            attached_alive = record is not None and record.get("client") and not agent.bindings.client_gone(record)
+            if (status.termination is not None and not attached_alive) or \
+                    (record is not None and agent.bindings.client_gone(record)):
+                targets.add(status.container_id)
+    removed, failed = {}, {}
+    for cid in sorted(targets):
+        try:
+            with agent.id_lock(cid):
+                termination = agent.iso.destroy(cid, grace=grace)
+        except VmisoError as err:
+            failed[cid] = str(err)
+            continue
+        agent.bindings.drop(cid)
+        removed[cid] = termination.to_dict() if termination else None
+    h._send(200, {"removed": removed, "failed": failed})
 
 
 def _query_number(query, name):
@@ -556,4 +663,5 @@ ROUTES = {
     ("GET", ("containers", "*", "output")): output,
     ("GET", ("containers", "*", "console")): console,
     ("GET", ("stats",)): stats,
+    ("POST", ("gc",)): gc,
 }

@@ -14,7 +14,7 @@ log = logging.getLogger("vmiso.agent")
 
 
 def register(sub):
-    from ..agent import DEFAULT_SOCKET
+    from ..agent import DEFAULT_SOCKET, KEEP_ABANDONED_S
     from ..agent.policy import DEFAULT_PATH
 
     p = sub.add_parser("agent", help="serve this work dir to local users (a unix socket API)",
@@ -37,6 +37,10 @@ def register(sub):
     p.add_argument("--pool-mem", type=int, default=256, metavar="MiB", help="the warm VMs' memory (256)")
     p.add_argument("--pool-cap", type=int, default=None, metavar="MiB",
                    help="at most this much memory held by warm VMs, QEMU's overhead included (default: no cap)")
+    p.add_argument("--keep-abandoned", type=float, default=KEEP_ABANDONED_S, metavar="S",
+                   help="an attached 'vmiso run' killed with SIGKILL leaves its task running: once the task "
+                        f"has ended, its container is kept S seconds for its owner's wait/logs/rm, then "
+                        f"removed (default {KEEP_ABANDONED_S:g})")
     p.set_defaults(func=agent)
 
 
@@ -59,7 +63,7 @@ def agent(args):
         "waiting for in-process vmiso commands on %s to finish", workdir.root))
     iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel, agent_id=args.agent_id,
                    disk_reserve=args.disk_reserve, disk_overcommit=args.disk_overcommit)
-    server = Agent(iso, policy, args.socket, socket_mode=args.socket_mode)
+    server = Agent(iso, policy, args.socket, socket_mode=args.socket_mode, keep_abandoned=args.keep_abandoned)
     try:
         report = iso.recover()
         log.info("recovered %s: %d running, %d ended, %d of other agents", workdir.root, len(report.running),

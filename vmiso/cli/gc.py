@@ -8,6 +8,10 @@
 A container a live ``vmiso run`` still streams is never touched without ``--job``: its record is
 held. ``-d`` containers that still run are left alone (nobody can tell they are abandoned), and
 so is every container of another agent id sharing the work directory.
+
+While an agent serves the work dir, gc asks it (a root-only endpoint, the same rules): the agent
+also knows the containers it bound to a job (agent/bindings.py) and which attached runs' clients
+died, and it stays the work dir's one writer.
 """
 import json
 import os
@@ -40,7 +44,12 @@ def gc(args):
         raise InvalidSpec("job", f"{args.job!r} is not a Slurm job id")
     if args.job is not None and not _job_has_containers(args):
         return 0  # the Epilog runs after every job: most never used vmiso; no libvirt needed then
-    iso = isolator(args, in_process=True)
+    iso = isolator(args)
+    if getattr(iso, "remote", False):
+        prefixes = slurm.job_prefixes(args.job, os.environ) if args.job is not None else []
+        removed, failed = iso.gc(job=args.job, prefixes=prefixes, grace=args.grace)
+        _print(args, removed, failed, _NoReport())
+        return EXIT_PARTIAL if failed else 0
     report = iso.recover()
     records = slurm.read_records(iso.workdir.root)
     if args.job is not None:
@@ -54,13 +63,38 @@ def gc(args):
     return EXIT_PARTIAL if failed else 0
 
 
+class _NoReport:
+    """The agent recovered when it started: nothing of a recover() to print."""
+
+    orphans: list = []
+    corrupt: list = []
+
+
 def _job_has_containers(args):
-    """A container dir or a run record of the job exists (a launch makes its dir before its
-    domain and removes it after, so a job without either has no VM either)."""
+    """A container dir, a run record or an agent's binding of the job exists (a launch makes its
+    dir before its domain and removes it after, so a job without either has no VM either)."""
+    from ..agent.bindings import DIRECTORY
+
     workdir = Workdir(args.workdir)
     records = slurm.read_records(workdir.root)
     return bool(job_containers(workdir.container_ids(), records, args.job, os.environ)) or \
-        any(job == str(args.job) for job, _held in records.values())
+        any(job == str(args.job) for job, _held in records.values()) or \
+        _bound_to(os.path.join(str(workdir.root), DIRECTORY), str(args.job))
+
+
+def _bound_to(directory, job_id):
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return False
+    for name in names:
+        try:
+            with open(os.path.join(directory, name)) as f:
+                if (json.load(f).get("job") or {}).get("id") == job_id:
+                    return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def job_containers(container_ids, records, job_id, env):

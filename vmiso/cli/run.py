@@ -151,7 +151,15 @@ def run(args):
         # `vmiso gc` (the Slurm epilog) finds. -d runs are nobody's once this process returns.
         record = slurm.hold_record(iso.workdir.root, container_id, os.environ)
     try:
-        status = iso.launch(container_id, spec)
+        if getattr(iso, "remote", False):
+            # Inside a Slurm job the agent names and sizes what was left to defaults after the
+            # job it finds the caller in (never after this environment).
+            given = [name for name, flag in (("cpus", args.cpus), ("mem_mib", args.mem)) if flag is not None]
+            status = iso.launch(container_id, spec, hints={"auto_name": args.name is None, "given": given,
+                                                           "attached": not args.detach})
+            container_id = status.container_id
+        else:
+            status = iso.launch(container_id, spec)
         if args.detach:
             print(json.dumps(status.to_dict()) if args.json else container_id)
             return 0

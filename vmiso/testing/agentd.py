@@ -51,16 +51,17 @@ def answers(socket_path):
 
 
 @contextlib.contextmanager
-def running_agent(workdir, socket_path, policy_text=None, log_path=None, agent_id="vmiso"):
+def running_agent(workdir, socket_path, policy_text=None, log_path=None, agent_id="vmiso", extra_args=(), env=None):
     """``vmiso agent`` serving ``workdir`` on ``socket_path`` (policy from ``policy_text``, TOML)
     as ``agent_id``; yields the Popen. Stopped with SIGTERM after (its VMs are left: the test
     removes them). Give tests an agent id of their own: domains are global to libvirt, and a
-    recover() in another work dir with the same agent id destroys them as its orphans."""
+    recover() in another work dir with the same agent id destroys them as its orphans.
+    ``extra_args``: more options of ``vmiso agent``; ``env``: its environment (default: ours)."""
     policy = os.path.join(os.path.dirname(socket_path), "policy.toml")
     with open(policy, "w") as f:
         f.write(policy_text or "")
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 (closed below)
-    proc = start_agent(workdir, socket_path, policy, log, agent_id)
+    proc = start_agent(workdir, socket_path, policy, log, agent_id, extra_args, env)
     try:
         wait_until_serving(proc, socket_path)
         yield proc
@@ -75,11 +76,11 @@ def running_agent(workdir, socket_path, policy_text=None, log_path=None, agent_i
         log.close()
 
 
-def start_agent(workdir, socket_path, policy_path, log, agent_id="vmiso"):
+def start_agent(workdir, socket_path, policy_path, log, agent_id="vmiso", extra_args=(), env=None):
     """The agent's process (not waited for: wait_until_serving)."""
     return subprocess.Popen([sys.executable, "-m", "vmiso", "--workdir", workdir, "--agent-id", agent_id, "agent",
-                             "--socket", socket_path, "--policy", policy_path], stdout=log, stderr=log,
-                            start_new_session=True)
+                             "--socket", socket_path, "--policy", policy_path, *extra_args], stdout=log, stderr=log,
+                            start_new_session=True, env=env)
 
 
 def wait_until_serving(proc, socket_path):

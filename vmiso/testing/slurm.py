@@ -16,6 +16,7 @@ slurm.conf (daemons, slurmstepd, jobs) is still alive. Needs root and Debian's `
 import contextlib
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -29,6 +30,12 @@ KILL_WAIT = 30
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 MEM_RESERVE_MIB = 2048  # left to the host (libvirtd, QEMU's overhead): slurmd checks RealMemory
+ACCT_FREQUENCY = 2  # seconds between slurmstepd's samples of a task's cgroups (sstat's MaxRSS)
+# cgroup.conf: the v1 plugin on this hybrid layout (no systemd to ask for a v2 scope); cores and
+# memory of each job confined, devices left alone (QEMU opens /dev/kvm and tun before it is moved).
+CGROUP_CONF = ("CgroupPlugin=cgroup/v1", "CgroupMountpoint=/sys/fs/cgroup", "CgroupAutomount=no",
+               "ConstrainCores=yes", "ConstrainRAMSpace=yes", "AllowedRAMSpace=100", "ConstrainSwapSpace=no",
+               "ConstrainDevices=no")
 
 
 class SlurmError(RuntimeError):
@@ -82,6 +89,9 @@ class Cluster:
     def start(self):
         for sub in ("munge", "state", "spool", "log", "run"):
             os.makedirs(os.path.join(self.tmp, sub), mode=0o700, exist_ok=True)
+        # Ordinary users submit too: their sbatch reads slurm.conf and talks to munged's socket.
+        for path in (self.tmp, os.path.join(self.tmp, "munge")):
+            os.chmod(path, 0o755)
         self._write_epilog()
         self._write_conf()
         self._start_munged()
@@ -111,11 +121,14 @@ class Cluster:
             f"SlurmctldPidFile={t}/run/slurmctld.pid", f"SlurmdPidFile={t}/run/slurmd.pid",
             f"SlurmctldLogFile={t}/log/slurmctld.log", f"SlurmdLogFile={t}/log/slurmd.log",
             "SlurmctldDebug=info", "SlurmdDebug=info",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            # Processes tracked, confined and accounted by cgroups (cgroup.conf, written below):
+            # what a cluster node runs, and where the agent puts a user's QEMU (README "Slurm").
+            "ProctrackType=proctrack/cgroup", "TaskPlugin=task/cgroup",
+            "JobAcctGatherType=jobacct_gather/cgroup", f"JobAcctGatherFrequency=task={ACCT_FREQUENCY}",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory",
             f"DefMemPerCPU={self.def_mem_per_cpu}",
             "JobCompType=jobcomp/filetxt", f"JobCompLoc={self.jobcomp}",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "AccountingStorageType=accounting_storage/none",
             "MpiDefault=none", "SwitchType=switch/none", "ReturnToService=2", "MailProg=/bin/true",
             f"KillWait={self.kill_wait}", f"Epilog={self.epilog}",
             # Decide at once on submit and completion (the tests wait on it), not every 60 s.
@@ -128,7 +141,12 @@ class Cluster:
             f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
         ]
         with open(self.conf, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
             f.write("\n".join(lines) + "\n")
+        # slurmd and slurmstepd read cgroup.conf next to slurm.conf.
+        with open(os.path.join(t, "cgroup.conf"), "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write("\n".join(CGROUP_CONF) + "\n")
 
     def _start_munged(self):
         key = os.path.join(self.tmp, "munge", "munge.key")
@@ -172,10 +190,25 @@ class Cluster:
         return subprocess.run(argv, env=dict(self.env, **(env or {})), capture_output=True, text=True,
                               timeout=timeout, check=check)
 
-    def sbatch(self, *args, env=None):
-        """Submit; return the job id (for an array, the array's job id)."""
-        out = self.run("sbatch", "--parsable", *args, env=env).stdout.strip()
-        return out.split(";")[0]
+    def sbatch(self, *args, env=None, user=None):
+        """Submit (as ``user``, a login name, when given: the job runs as them); return the job id
+        (for an array, the array's job id)."""
+        if user is None:
+            out = self.run("sbatch", "--parsable", *args, env=env).stdout.strip()
+        else:
+            exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in dict(env or {}, SLURM_CONF=self.conf).items())
+            out = subprocess.run(["su", "-s", "/bin/sh", user, "-c", f"cd /tmp && env {exports} sbatch --parsable "
+                                  + shlex.join(args)], capture_output=True, text=True, timeout=60, check=True).stdout
+        return out.strip().split(";")[0]
+
+    def sstat(self, step, fields):
+        """{field: value} of running job step ``step`` ("<job>.batch"), from slurmstepd's accounting."""
+        out = self.run("sstat", "-a", "-n", "-P", "-j", step, "-o", ",".join(("JobID", *fields))).stdout
+        for line in out.splitlines():
+            values = line.split("|")
+            if values[0] == step:
+                return dict(zip(fields, values[1:]))
+        raise SlurmError(f"sstat knows no step {step}: {out!r}")
 
     def completions(self):
         """Every record of the job completion log, as dicts (JobId, ArrayJobId, ExitCode, ...)."""
