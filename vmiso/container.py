@@ -4,6 +4,7 @@ import fcntl
 import os
 import threading
 
+from .paths import LOGS, log_dir
 from .spec import (
     FAILED,
     FINISHED,
@@ -53,7 +54,14 @@ class Container:
         return self.checkpoint.domain
 
     def path(self, name):
+        if name in LOGS:  # a warm VM's logs keep the directory they were opened in (paths.log_dir)
+            return os.path.join(log_dir(self.dir, self.warm_slot), name)
         return os.path.join(self.dir, name)
+
+    @property
+    def warm_slot(self):
+        """The pool slot this container's VM was booted as (vmiso/pool.py), or None (cold)."""
+        return self.checkpoint.extra.get("warm")
 
 
 def hold_launch_lock(directory):

@@ -596,6 +596,7 @@ class Isolator:
         """The last step of destroy: forget the container and delete its directory."""
         self._release_network(c)
         self.workdir.remove_container_dir(c.id)
+        self.workdir.remove_log_dir(c.warm_slot)  # a warm VM's logs (paths.log_dir); after the record
         self.host.remove_log(c.domain)
         c.removed = True
         with self._lock:

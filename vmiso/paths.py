@@ -9,6 +9,11 @@
                            (vmiso listens there, QEMU connects: the task's stdin; only with one)
                            vmlinux, initrd.img (a local user's container: its own copy of
                            micro's kernel, see Isolator.launch(uid=))
+  containers/.pool-<slot>/ a warm VM before its claim (vmiso/pool.py), renamed to <id> at claim
+  containers/.logs-<slot>/ a warm VM's console.log, stdout, stderr for its whole life (claimed
+                           or not): virtlogd rolls a log over by its path, so the logs of a VM
+                           whose directory is renamed live under a name that never changes; the
+                           container's checkpoint names the slot (``warm``), see log_dir()
 
 Paths come only from validated container ids; nothing here follows a symlink.
 """
@@ -16,6 +21,7 @@ import errno
 import grp
 import os
 import pwd
+import re
 import shutil
 import stat
 import struct
@@ -27,6 +33,7 @@ from .spec import validate_container_id
 
 DEFAULT_WORKDIR = "/var/lib/vmiso"
 QEMU_USERS = ("libvirt-qemu", "qemu")  # Debian's, then Fedora's and upstream's default
+_SLOT_ID = re.compile(r"[0-9a-f]{12}")  # a pool slot's id (vmiso/pool.py: secrets.token_hex(6))
 
 OVERLAY = "overlay.qcow2"
 SEED = "seed.iso"
@@ -36,8 +43,27 @@ STDERR = "stderr"
 CHECKPOINT = "checkpoint.json"
 CONTROL_SOCKET = "control.sock"
 STDIN_SOCKET = "stdin.sock"
+LOGS = (CONSOLE_LOG, STDOUT, STDERR)  # the serial ports' logs, written by virtlogd
+LOGS_PREFIX = ".logs-"      # containers/.logs-<slot>: a warm VM's logs (see log_dir)
 KERNEL = "vmlinux"          # a local user's container: its own copy of the kernel (and initrd)
 INITRD = "initrd.img"
+
+
+def log_dir(container_dir, warm_slot=None):
+    """The directory holding the serial logs (LOGS) of the VM whose directory is
+    ``container_dir``: that directory itself, or for a warm VM (``warm_slot``: its pool slot's
+    id, from the checkpoint) containers/.logs-<slot>, which keeps its name when the VM's
+    directory is renamed at claim (virtlogd reopens a rolled-over log by its first path)."""
+    if warm_slot is None:
+        return str(container_dir)
+    return warm_log_dir(os.path.dirname(str(container_dir)), warm_slot)
+
+
+def warm_log_dir(containers, warm_slot):
+    """containers/.logs-<slot>; HostError for anything but a pool slot's id."""
+    if not isinstance(warm_slot, str) or not _SLOT_ID.fullmatch(warm_slot):
+        raise HostError(f"{warm_slot!r} is not a pool VM's id")
+    return os.path.join(str(containers), LOGS_PREFIX + warm_slot)
 
 
 def _qemu_user():
@@ -175,22 +201,29 @@ class Workdir:
 
     def remove_container_dir(self, container_id):
         """Remove the container's directory and all in it; no error if it is gone."""
-        path = self.container_dir(container_id)
+        _remove_tree(self.container_dir(container_id))
+
+    def make_log_dir(self, warm_slot):
+        """Create a warm VM's log directory (log_dir); FileExistsError if it is there already."""
+        path = warm_log_dir(self.containers, warm_slot)
+        os.mkdir(path, 0o700)
+        restrict_to_qemu(path)
+        return path
+
+    def remove_log_dir(self, warm_slot):
+        """Remove a warm VM's log directory; no error if it is gone (or ``warm_slot`` is None:
+        a cold VM's logs are in its own directory)."""
+        if warm_slot is not None:
+            _remove_tree(warm_log_dir(self.containers, warm_slot))
+
+    def log_dir_slots(self):
+        """The slot ids of the warm VM log directories there are."""
         try:
-            if stat.S_ISLNK(os.lstat(path).st_mode):
-                os.unlink(path)  # a planted symlink: remove the link, never its target
-                return
+            names = os.listdir(self.containers)
         except FileNotFoundError:
-            return
-        for attempt in range(5):
-            try:
-                shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
-                return
-            except OSError as err:
-                # virtlogd may still be flushing a stopped VM's last output into a new file.
-                if err.errno != errno.ENOTEMPTY or attempt == 4:
-                    raise
-                time.sleep(0.05)
+            return []
+        return sorted(n[len(LOGS_PREFIX):] for n in names
+                      if n.startswith(LOGS_PREFIX) and _SLOT_ID.fullmatch(n[len(LOGS_PREFIX):]))
 
     def container_ids(self):
         try:
@@ -198,6 +231,26 @@ class Workdir:
         except FileNotFoundError:
             return []
         return sorted(n for n in names if not n.startswith(".") and _valid(n))
+
+
+def _remove_tree(path):
+    """Remove directory ``path`` and all in it; no error if it is gone; a symlink there is
+    unlinked, never followed."""
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            os.unlink(path)  # a planted symlink: remove the link, never its target
+            return
+    except FileNotFoundError:
+        return
+    for attempt in range(5):
+        try:
+            shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
+            return
+        except OSError as err:
+            # virtlogd may still be flushing a stopped VM's last output into a new file.
+            if err.errno != errno.ENOTEMPTY or attempt == 4:
+                raise
+            time.sleep(0.05)
 
 
 def _valid(name):

@@ -43,7 +43,7 @@ from .accounting import live as accounting
 from .errors import InvalidSpec, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
-from .paths import CONSOLE_LOG, CONTROL_SOCKET, OVERLAY, SEED, STDERR, STDOUT, restrict_to_qemu
+from .paths import CONTROL_SOCKET, LOGS, OVERLAY, SEED, restrict_to_qemu, warm_log_dir
 from .spec import Resources
 from .virt import domain
 from .virt import stdin as sockets
@@ -86,6 +86,9 @@ class Slot:
         self.name = SLOT_PREFIX + self.id
         self.dir = str(workdir.containers / self.name)
         self.domain = "vmiso-pool-" + self.id
+        # Its serial logs, for the VM's whole life: not in ``dir``, which the claim renames
+        # (virtlogd rolls a log over by the path it opened it at: paths.log_dir).
+        self.logs = warm_log_dir(workdir.containers, self.id)
         self.state = "booting"   # booting, ready, claimed, dead
         self.dom = None
         self.conn = None         # the claim port's host end (QEMU's connection)
@@ -252,6 +255,7 @@ class Pool:
         iso.workdir.ensure()
         os.mkdir(slot.dir, 0o700)
         restrict_to_qemu(slot.dir)
+        iso.workdir.make_log_dir(slot.id)  # after the slot's directory: recover() relies on the order
         files_mod.write_atomic(slot.path(SLOT_RECORD), json.dumps({"agent": iso.agent_id}).encode(), 0o600,
                                durable=False)
         qcow2.create_overlay_on_verified(slot.path(OVERLAY), image.base, image.base_format, image.virtual_size)
@@ -267,7 +271,7 @@ class Pool:
             config_xml = domain.design(
                 name=slot.domain, uuid=new_uuid(), accel=iso.accel, resources=resources,
                 overlay=slot.path(OVERLAY), base=image.base, base_format=image.base_format, seed=slot.path(SEED),
-                logs=(slot.path(CONSOLE_LOG), slot.path(STDOUT), slot.path(STDERR)),
+                logs=tuple(os.path.join(slot.logs, name) for name in LOGS),
                 metadata={"agent": iso.agent_id, "pool": slot.id, "boot-id": state.boot_id(),
                           "workdir": str(iso.workdir.root)},
                 boot=image if image.kernel else None, quick_cpu_probe=iso.cpu_probe().quick,
@@ -318,6 +322,7 @@ class Pool:
         except VmisoError as err:
             log.warning("pool: cannot destroy %s: %s", slot.domain, err)
         shutil.rmtree(slot.dir, ignore_errors=True)
+        self.iso.workdir.remove_log_dir(slot.id)
         self.iso.host.remove_log(slot.domain)
 
     def close(self):
@@ -360,10 +365,32 @@ class Pool:
         for name in names:
             if name.startswith(SLOT_PREFIX) and name not in live_dirs and _dead_owner(iso, name):
                 shutil.rmtree(os.path.join(iso.workdir.containers, name), ignore_errors=True)
+        self._remove_stray_logs(live_dirs)
         if destroyed:
             log.warning("pool: destroyed %d warm VMs of a previous run: %s", len(destroyed), ", ".join(destroyed))
         self._write_status()
         return destroyed
+
+    def _remove_stray_logs(self, live_dirs):
+        """Remove the log directories (paths.log_dir) of warm VMs that are neither a pool VM nor
+        a container any more: a crash between removing a VM's directory and its logs. A pool
+        VM's logs are made after its directory and the claim renames that directory onto a
+        checkpoint naming the slot, so the check below, in this order, never sees a live VM's
+        logs as stray."""
+        containers = self.iso.workdir.containers
+        candidates = [s for s in self.iso.workdir.log_dir_slots()
+                      if SLOT_PREFIX + s not in live_dirs and not os.path.lexists(containers / (SLOT_PREFIX + s))]
+        if not candidates:
+            return
+        named = set()
+        for container_id in self.iso.workdir.container_ids():
+            try:
+                named.add(state.read(str(containers / container_id)).extra.get("warm"))
+            except state.CheckpointError:
+                continue  # unreadable: its logs cannot be found through it either
+        for slot_id in candidates:
+            if slot_id not in named:
+                self.iso.workdir.remove_log_dir(slot_id)
 
     def status(self):
         """What the pool holds now (for ps, doctor and the bench)."""

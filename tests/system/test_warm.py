@@ -1,7 +1,8 @@
 """Warm VMs with the real libvirtd, QEMU and micro's init (vmiso/pool.py, docs/guest-contract.md
 "Warm VMs"): two consecutive tasks in warm VMs of one pool see different host names, boot ids
 (each pool VM booted on its own) and random bytes, the host's clock, and nothing the other wrote;
-a pool whose owner dies leaves no VM after recover(); a crashed pool VM is replaced."""
+a pool whose owner dies leaves no VM after recover(); a crashed pool VM is replaced; a warm
+task's output survives virtlogd's roll-overs."""
 import os
 import secrets
 import signal
@@ -75,3 +76,38 @@ def test_a_dead_owners_pool_leaves_no_vm_and_a_crashed_one_is_replaced(workdir):
     assert not [n for n in names if n in (slot["domain"], replacement["domain"])]
     assert not [n for n in os.listdir(os.path.join(workdir, "containers")) if n.startswith(".pool-")
                 and n.endswith(replacement["id"])]
+
+
+FLOOD_LINES = 750_000  # `seq 1 N`: about 5 MiB of known bytes, past virtlogd's 2 MiB roll-over twice
+
+
+def test_a_warm_tasks_output_survives_virtlogds_roll_over(workdir):
+    """virtlogd opened the pool VM's logs before its task was known and rolls them over by path:
+    every byte of a 5 MiB output reaches output(), in order, nothing of the VM is left under the
+    pool directory's old name, and nothing at all once the container is destroyed."""
+    expected = b"".join(b"%d\n" % i for i in range(1, FLOOD_LINES + 1))
+    # No replacement boots during the test: it would only take CPU from the flood.
+    iso = Isolator(workdir=workdir, agent_id=AGENT, pool=PoolConfig(size=1, refill_delay_s=3600))
+    cid = "w-" + secrets.token_hex(3)
+    containers = os.path.join(workdir, "containers")
+    try:
+        assert iso.pool.wait_ready(1, timeout=120)
+        (slot,) = iso.pool.status()["slots"]
+        status = iso.launch(cid, TaskSpec.shell(f"seq 1 {FLOOD_LINES}; exit 3"))
+        assert status.domain == slot["domain"]
+        out = b"".join(data for name, data in iso.output(cid) if name == "stdout")
+        assert iso.wait(cid, timeout=300).exit_code == 3
+        assert len(out) == len(expected) and out == expected
+
+        def of_this_vm():  # (other tests may share the work dir: only this VM's names count)
+            return {n for n in os.listdir(containers) if n == cid or slot["id"] in n}
+
+        logs = os.path.dirname(iso.console_log(cid))
+        assert of_this_vm() == {cid, os.path.basename(logs)}  # the pool directory's name is gone
+        assert [n for n in os.listdir(logs) if n.startswith("stdout.")]  # it did roll over
+        iso.destroy(cid)
+        assert of_this_vm() == set()
+    finally:
+        iso.destroy(cid, grace=0)
+        iso.pool.close()
+        iso.host.close()

@@ -36,7 +36,7 @@ def host():
 
 def make(tmp_path, host, base, **config):
     iso = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
-    iso.pool.configure(PoolConfig(image=base, refill_delay_s=0, **config)) if config else None
+    iso.pool.configure(PoolConfig(image=base, **{"refill_delay_s": 0, **config})) if config else None
     return iso
 
 
@@ -145,3 +145,66 @@ def test_a_dead_owners_full_pool_leaves_no_vm_after_recover(tmp_path, host, base
     assert len(report.pool) == 2 and pool_domains(host) == []
     assert not [n for n in os.listdir(again.workdir.containers) if n.startswith(".pool-")]
     assert report.orphans == []  # pool VMs are the pool's to destroy, not orphans
+
+
+def test_a_warm_vms_logs_keep_their_directory_from_boot_to_destroy(tmp_path, host, base):
+    """virtlogd rolls a log over by the path it opened it at: the claim renames the VM's directory
+    but never the one its logs are in (paths.log_dir), and destroy() removes both."""
+    iso = make(tmp_path, host, base, size=1, refill_delay_s=3600)
+    assert iso.pool.wait_ready(1, timeout=10)
+    (first,) = pool_domains(host)
+    slot_id = first[len("vmiso-pool-"):]
+    logs = os.path.join(iso.workdir.containers, ".logs-" + slot_id)
+    assert host.domains[first].stdout == os.path.join(logs, "stdout")  # what virtlogd was given at boot
+    iso.launch("c1", TaskSpec(["echo", "hi"], image=base))
+    assert iso.console_log("c1") == os.path.join(logs, "console.log")
+    with open(os.path.join(logs, "stdout"), "ab") as f:
+        f.write(b"hello\n")
+    host.guest_exits(first, 0)
+    assert iso.wait("c1", timeout=10).exit_code == 0
+    assert b"".join(data for _, data in iso.output("c1", follow=False)) == b"hello\n"
+    iso.destroy("c1")
+    assert not os.path.lexists(logs) and not os.path.lexists(iso.workdir.container_dir("c1"))
+    iso.pool.close()
+    assert os.listdir(iso.workdir.containers) == []
+
+
+def test_recover_removes_only_the_logs_no_vm_or_container_names(tmp_path, host, base):
+    iso = make(tmp_path, host, base, size=1, refill_delay_s=3600)
+    assert iso.pool.wait_ready(1, timeout=10)
+    (pooled,) = pool_domains(host)
+    iso.launch("c1", TaskSpec(["true"], image=base))  # claims it: its logs are the container's now
+    iso.pool.configure(PoolConfig(image=base, size=1, refill_delay_s=0))
+    assert iso.pool.wait_ready(1, timeout=10)  # a new pool VM, unclaimed, with logs of its own
+    stray = os.path.join(iso.workdir.containers, ".logs-0123456789ab")
+    os.mkdir(stray)  # a crash between removing a container's directory and its logs
+    before = set(os.listdir(iso.workdir.containers))
+    iso.recover()
+    assert set(os.listdir(iso.workdir.containers)) == before - {".logs-0123456789ab"}
+    assert os.path.isdir(os.path.dirname(iso.console_log("c1")))
+    host.guest_exits(pooled, 0)
+    iso.destroy("c1")
+    iso.pool.close()
+    assert os.listdir(iso.workdir.containers) == []
+
+
+def test_a_log_directory_is_named_by_a_slot_id_only(tmp_path):
+    from vmiso.errors import HostError
+    from vmiso.paths import Workdir, log_dir
+
+    containers = tmp_path / "containers"
+    assert log_dir(containers / "c1") == str(containers / "c1")
+    assert log_dir(containers / "c1", "0123456789ab") == str(containers / ".logs-0123456789ab")
+    for bad in ("../../etc", "0123456789AB", "", "0123456789abc", 7):
+        with pytest.raises(HostError):
+            log_dir(containers / "c1", bad)
+    work = Workdir(tmp_path)
+    containers.mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep").write_bytes(b"x")
+    os.symlink(target, containers / ".logs-0123456789ab")  # planted: removed as a link, never followed
+    with pytest.raises(FileExistsError):
+        work.make_log_dir("0123456789ab")
+    work.remove_log_dir("0123456789ab")
+    assert not os.path.lexists(containers / ".logs-0123456789ab") and (target / "keep").exists()

@@ -3,7 +3,8 @@ launch's console and task channel with inotify (vmiso.virt.channel.Inotify, no p
 time.monotonic() at the first arrival of each marker.
 
 The launch's directory does not exist before the launch makes it, so the watcher first watches
-its parent for the directory's creation, then the directory itself for writes.
+its parent for the directory's creation, then the directory itself for writes (a warm VM's logs:
+the directory its checkpoint names, paths.log_dir).
 """
 import os
 import re
@@ -11,7 +12,9 @@ import select
 import threading
 import time
 
-from ..paths import CONSOLE_LOG, STDOUT
+from .. import state
+from ..errors import VmisoError
+from ..paths import CONSOLE_LOG, STDOUT, log_dir
 from ..virt import channel
 
 IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100
@@ -71,6 +74,7 @@ class MarkWatcher(threading.Thread):
         self.pidfile = pidfile  # QEMU's: its CPU seconds at userspace go into ``cpu``
         self.parent = str(parent)
         self.directory = os.path.join(self.parent, name)
+        self.names = (console, stdout)
         self.console = _Follower(os.path.join(self.directory, console))
         self.stdout = _Follower(os.path.join(self.directory, stdout))
         self.marks = {}
@@ -91,6 +95,10 @@ class MarkWatcher(threading.Thread):
             while not self._halt.is_set():
                 if not watching and os.path.isdir(self.directory):
                     watching = watcher.add(self.directory, IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE)
+                    logs = self._log_dir()
+                    if logs != self.directory:
+                        watching = watcher.add(logs, IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE)
+                        self.console.path, self.stdout.path = (os.path.join(logs, n) for n in self.names)
                 if watching and self._scan():
                     return  # the exit line is the last marker
                 watcher.wait(0.25)  # the timeout only re-checks stop()
@@ -99,6 +107,15 @@ class MarkWatcher(threading.Thread):
             watcher.close()
             self.console.close()
             self.stdout.close()
+
+    def _log_dir(self):
+        """Where the launch's logs are: a claimed warm VM's directory arrives (renamed) with its
+        checkpoint naming them; a cold launch's checkpoint may not be written yet (its logs are
+        in its directory)."""
+        try:
+            return log_dir(self.directory, state.read(self.directory).extra.get("warm"))
+        except VmisoError:  # CheckpointError, or a record naming no slot
+            return self.directory
 
     def _mark(self, name):
         self.marks.setdefault(name, time.monotonic())

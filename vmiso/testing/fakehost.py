@@ -219,7 +219,11 @@ def _stdout_of(dom):
 
 
 def _nonce_of(dom):
-    """The launch's nonce, from the container's checkpoint beside its stdout log."""
+    """The launch's nonce, from the checkpoint of the container its metadata names (or, without
+    one, the checkpoint beside its stdout log)."""
     from .. import state
 
+    record = domain_xml.parse_metadata(dom.metadata) or {}
+    if record.get("container") and record.get("workdir"):
+        return state.read(os.path.join(record["workdir"], "containers", record["container"])).nonce
     return state.read(os.path.dirname(_stdout_of(dom))).nonce
