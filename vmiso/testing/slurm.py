@@ -258,6 +258,7 @@ class Cluster:
         stray = self.leftovers()
         for pid in stray:
             _kill(pid)
+        _remove_empty_cgroups(self.node)
         if problems or stray:
             raise SlurmError(f"still running after stop: {problems} daemons, pids {stray}\n{self.logs()}")
 
@@ -288,6 +289,18 @@ class Cluster:
             except OSError:
                 continue
         return pids
+
+
+def _remove_empty_cgroups(node, root="/sys/fs/cgroup"):
+    """slurmd leaves its empty base cgroups (``slurm_<node>/uid_N``) in every v1 hierarchy: remove
+    them, deepest first. A cgroup that holds a process (another Slurm's) refuses: it stays."""
+    for controller in os.listdir(root):
+        base = os.path.join(root, controller, f"slurm_{node}")
+        if not os.path.isdir(base):
+            continue
+        for directory, _subdirs, _files in sorted(os.walk(base), key=lambda w: -w[0].count("/")):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 def _ended(proc, timeout=STOP_TIMEOUT):
