@@ -49,7 +49,7 @@ def test_options_after_the_command_belong_to_the_task():
 
 
 def test_exit_code_mapping():
-    from vmiso.cli.run import exit_code_of
+    from vmiso.cli.common import exit_code_of
     from vmiso.spec import Termination
 
     assert exit_code_of(Termination("FAILED", "guest-exited", 7)) == 7

@@ -137,10 +137,11 @@ def test_slurm_cli_prints_config_and_installs_the_epilog(tmp_path, capsys):
 
 
 def test_gc_for_a_job_without_containers_needs_no_libvirt(tmp_path, monkeypatch):
+    from vmiso.cli import gc as cli_gc
     from vmiso.cli import main as cli_main
 
     def no_libvirt(args):
         raise AssertionError("gc --job connected to libvirt for a job that never used vmiso")
-    monkeypatch.setattr(cli_main, "isolator", no_libvirt)
+    monkeypatch.setattr(cli_gc, "isolator", no_libvirt)
     (tmp_path / "containers" / "slurm-6.batch").mkdir(parents=True)  # another job's
     assert cli_main.main(["--workdir", str(tmp_path), "gc", "--job", "5"]) == 0

@@ -1,29 +1,19 @@
 """``vmiso bench``: measurement scenarios, one sub-subcommand each, every one with its baseline
 measured in the same run. ``--json`` prints the scenario's result object as it is."""
-import argparse
 import json
+
+from .common import positive_int
 
 
 def register(sub):
     p = sub.add_parser("bench", help="measure vmiso's hot paths against their baselines")
     bsub = p.add_subparsers(dest="bench_command", metavar="SCENARIO")
     bsub.required = True
-    from . import bench_image, bench_io, bench_launch, stats  # each scenario's module adds its own sub-subcommand
+    from . import bench_image, bench_io, bench_launch, net, stats  # each scenario's module adds its own
 
     for add in (_register_qcow2, stats.register_bench, bench_launch.register_bench, bench_io.register_bench,
-                bench_image.register_bench):
+                bench_image.register_bench, net.register_bench):
         add(bsub)
-
-
-def positive_int(text):
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
 
 
 # -- qcow2 -------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 import json
 import sys
 
+from .common import positive_int
+
 
 def register_bench(bsub):
-    from .bench import positive_int
-
     p = bsub.add_parser(
         "image", help="container images: import cold and warm, and run -- true against micro, in one run",
         description="Import a ~100 MB Debian image with python3 (built once from Debian's packages) from its "

@@ -1,10 +1,10 @@
 """``vmiso bench io``: volume and own-disk sequential throughput, and stdin's, in one run."""
 import json
 
+from .common import isolator, positive_int
+
 
 def register_bench(bsub):
-    from .bench import positive_int
-
     p = bsub.add_parser(
         "io", help="data in and out: a volume (9p) against the VM's own disk, and stdin, in MB/s",
         description="Boot micro twice through the real Isolator: one VM writes and reads a file through a "
@@ -21,8 +21,6 @@ def register_bench(bsub):
 
 def io(args):
     from ..bench import io as scenario
-    from .main import isolator
-
     result = scenario.run(isolator(args), size_mib=args.size, mem_mib=args.mem, share_parent=args.share_parent)
     print(json.dumps(result, indent=1) if args.json else scenario.report(result))
     return 0

@@ -1,10 +1,10 @@
 """``vmiso bench launch``: launch latency phase by phase, against the Mesos-prototype baseline."""
 import json
 
+from .common import positive_int
+
 
 def register_bench(bsub):
-    from .bench import positive_int
-
     p = bsub.add_parser(
         "launch", help="launch latency, phase by phase (and the 2016 prototype path with --baseline)",
         description="Run N launches of a command (default: true) on micro (or in a container image) through "
@@ -30,6 +30,10 @@ def register_bench(bsub):
     p.add_argument("--image", default="micro", metavar="micro|micro:stock|NAME|ID",
                    help="the micro build to boot (default micro; micro:stock compares Debian's kernel), or a "
                         "stored container image: the task runs in its root (no --baseline)")
+    p.add_argument("--network", metavar="BRIDGE",
+                   help="give every task a NIC on BRIDGE (a vmiso-managed bridge: vmiso net bridge create): "
+                        "cold, warm (the NIC hot-plugged at claim) and vmiso run alike (no --baseline: the "
+                        "prototype path had no network)")
     p.add_argument("--command", nargs="+", default=["true"], metavar="ARG",
                    help="the task's command (default: true)")
     p.set_defaults(func=launch)
@@ -41,7 +45,7 @@ def launch(args):
     result = scenario.run(n=args.n, concurrency=args.concurrency, with_baseline=args.baseline,
                           command=args.command, workdir=args.workdir, mem_mib=args.mem,
                           progress=True, image=args.image, with_cli=args.cli, warm=args.warm,
-                          pool_size=args.pool_size)
+                          pool_size=args.pool_size, network=args.network)
     if args.plot:
         from ..bench import plot
 

@@ -6,7 +6,7 @@ import time
 from ..errors import NotFound
 from ..state import CheckpointError
 from . import terminal
-from .run import exit_code_of
+from .common import exit_code_of, isolator
 
 
 def register(sub):
@@ -48,8 +48,6 @@ def register(sub):
 
 
 def _iso(args):
-    from .main import isolator
-
     return isolator(args)
 
 

@@ -20,6 +20,7 @@ import sys
 from .. import slurm, state
 from ..errors import InvalidSpec, VmisoError
 from ..paths import Workdir
+from .common import isolator
 
 EXIT_PARTIAL = 1  # some container could not be removed (a Slurm epilog failing drains the node)
 
@@ -38,8 +39,6 @@ def register(sub):
 
 
 def gc(args):
-    from .main import isolator
-
     if args.job is not None and not slurm.valid_job_id(args.job):
         raise InvalidSpec("job", f"{args.job!r} is not a Slurm job id")
     if args.job is not None and not _job_has_containers(args):

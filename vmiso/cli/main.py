@@ -8,10 +8,9 @@ import logging
 import os
 import sys
 
-from ..errors import HostError, NotOwned, VmisoError
+from ..errors import NotOwned, VmisoError
 from . import agent, bench, containers, doctor, gc, image, net, run, slurm, stats
-
-EXIT_VMISO_ERROR = 125
+from .common import EXIT_VMISO_ERROR, close_isolators, size_arg
 
 DESCRIPTION = """\
 Run tasks in their own QEMU/KVM virtual machines.
@@ -44,7 +43,7 @@ def build_parser():
                              "collected; others' are read-only (default: $VMISO_AGENT_ID or vmiso)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("VMISO_ACCEL", "auto"),
                         help="accelerator: KVM where it really works, TCG otherwise (default: $VMISO_ACCEL or auto)")
-    parser.add_argument("--disk-reserve", type=_size_arg, default=os.environ.get("VMISO_DISK_RESERVE"),
+    parser.add_argument("--disk-reserve", type=size_arg, default=os.environ.get("VMISO_DISK_RESERVE"),
                         metavar="SIZE", help="keep this much free on the work dir's file system: a launch that "
                                              "would not is refused (e.g. 10G; default: $VMISO_DISK_RESERVE or "
                                              "5%% of the file system, at most 2G)")
@@ -79,60 +78,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     finally:
-        _close_isolators()
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def _size_arg(text):
-    """Bytes from "123", "512M", "10G" (binary units, as qemu-img and dd read them)."""
-    unit = text[-1:].upper() if text[-1:].isalpha() else ""
-    number = text[: len(text) - len(unit)]
-    try:
-        if unit not in _UNITS:
-            raise ValueError(text)
-        return int(float(number) * _UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 10G") from None
-
-
-_OPENED = []  # the Isolators this command made
-
-
-def isolator(args, in_process=False):
-    """The Isolator the CLI's arguments describe (imported late: --help needs no libvirt): the
-    agent's client when an agent serves the work dir (always for an ordinary user), else this
-    process's own. ``in_process``: a command the agent does not serve (HostError if one runs)."""
-    from ..agent.client import route
-
-    remote = route(args.workdir, args.agent_socket)
-    if remote is not None:
-        if in_process:
-            raise HostError(f"the vmiso agent at {remote.socket_path} serves {args.workdir}: 'vmiso {args.command}' "
-                            "works only in-process, while no agent serves the work dir")
-        return remote
-    try:
-        from ..isolator import Isolator
-    except ImportError as err:  # the client install (scripts/client.sh) has no libvirt
-        raise HostError(f"no vmiso agent serves {args.workdir}, and this vmiso ({sys.argv[0]}) is the client "
-                        f"install, which cannot work in-process ({err.name or err} is missing): start the agent "
-                        "('make agent') or use the full install (.venv/bin/vmiso)") from err
-
-    iso = Isolator(workdir=args.workdir, uri=args.uri, accel=args.accel, agent_id=args.agent_id,
-                   disk_reserve=args.disk_reserve, disk_overcommit=args.disk_overcommit)
-    _OPENED.append(iso)
-    return iso
-
-
-def _close_isolators():
-    """Close their libvirt connections before exiting: a connection dropped by process exit makes
-    libvirtd log an "End of file while reading data" error for every command."""
-    while _OPENED:
-        _OPENED.pop().host.close()
-    from ..agent.client import release_work_dir
-
-    release_work_dir()
+        close_isolators()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def register(sub):
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=bridge_show)
 
-    bench = nsub.add_parser("bench", help="wire+unwire one port: pyroute2 vs ip/bridge commands",
+    bench = nsub.add_parser("bench", help="the same as 'vmiso bench net' (kept for old scripts)",
                             description="Measured in a throwaway network namespace; medians in ms.")
     bench.add_argument("-n", "--iterations", type=int, default=30)
     bench.add_argument("--json", action="store_true")

@@ -9,12 +9,10 @@ import threading
 
 from .. import slurm
 from ..errors import InvalidSpec
-from ..spec import R_DESTROYED, R_GUEST_EXITED, R_TIMEOUT, Resources, TaskSpec
+from ..spec import R_GUEST_EXITED, Resources, TaskSpec
 from . import taskdata, terminal
+from .common import exit_code_of, isolator
 
-EXIT_TIMEOUT = 124   # as GNU timeout
-EXIT_KILLED = 137    # as docker: 128 + SIGKILL
-EXIT_NO_STATUS = 125
 TERM_GRACE = 5.0     # SIGTERM (scancel): SIGTERM to the task first, hard stop after this; within Slurm's KillWait
 
 
@@ -124,19 +122,7 @@ def _network(args):
     return parse_network(args.network)
 
 
-def exit_code_of(termination):
-    if termination.reason == R_GUEST_EXITED:
-        return termination.exit_code
-    if termination.reason == R_TIMEOUT:
-        return EXIT_TIMEOUT
-    if termination.reason == R_DESTROYED:
-        return EXIT_KILLED
-    return EXIT_NO_STATUS
-
-
 def run(args):
-    from .main import isolator
-
     if args.detach and args.interactive:  # the copy into the guest lives in this process
         raise InvalidSpec("stdin", "-i streams this process's stdin to the task: it cannot be used with -d")
     spec = spec_from_args(args)

@@ -11,6 +11,8 @@ import socket
 import sys
 import time
 
+from .common import positive_int
+
 DEFAULT_LISTEN = "127.0.0.1:9465"
 
 
@@ -55,8 +57,6 @@ def register(sub):
 
 def register_bench(bsub):
     """``vmiso bench usage`` (called by cli/bench.py's dispatcher)."""
-    from .bench import positive_int
-
     p = bsub.add_parser("usage", help="usage_all: Cython reader vs Python twin vs psutil vs libvirt",
                         description="Read N VMs' counters from a generated /proc and cgroup tree in the kernel's "
                                     "formats with each reader in one run; with --live K also K real micro VMs "
