@@ -21,8 +21,9 @@ removed and replaced. The claim port's far end is this process: if it dies, each
 reads EOF and powers itself off, and ``recover()`` destroys what is left (a pool VM is never
 adopted: its claim connection died with its owner). ``close()`` destroys the pool's VMs.
 
-Not through the pool (they launch cold): tasks with a network, stdin, volumes, a local user's
-uid, a container image, another image or size class, or a disk size of their own.
+A task with a network gets its NIC at claim: each pool VM has a PCIe root port to plug it into
+(vmiso/warm.py). Not through the pool (they launch cold): tasks with stdin, volumes, a local
+user's uid, a container image, another image or size class, or a disk size of their own.
 """
 import io
 import json
@@ -162,7 +163,7 @@ class Pool:
     def fits(self, spec, image, uid):
         """Whether ``spec`` may run in one of this pool's VMs (its identity all arrives at claim)."""
         config = self.config
-        if config is None or uid is not None or spec.network is not None or spec.stdin is not None:
+        if config is None or uid is not None or spec.stdin is not None:
             return False
         if spec.volumes or spec.resources.disk_gib is not None or image.container is not None:
             return False
@@ -276,7 +277,7 @@ class Pool:
                           "workdir": str(iso.workdir.root)},
                 boot=image if image.kernel else None, quick_cpu_probe=iso.cpu_probe().quick,
                 control_socket=slot.path(CONTROL_SOCKET), system_disk=image.system_disk,
-                claim_socket=slot.path(CLAIM_SOCKET),
+                claim_socket=slot.path(CLAIM_SOCKET), hotplug_port=True,
             ).to_xml()
             iso.host.watch(slot.domain, lambda event, detail: self._on_lifecycle(slot, event, detail))
             slot.dom = iso.host.create(config_xml)

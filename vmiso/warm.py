@@ -5,10 +5,13 @@ Named steps, as a cold launch's (fault points and the benchmark's timeline):
   launch:claim     the VM taken from the pool, the container's LAUNCHING checkpoint in its
                    directory (under the launch lock), the domain's metadata naming the container
   launch:dir       the directory renamed to containers/<id>
+  launch:network   (a task with a network) address, MAC and tap leased as for a cold launch,
+                   the tap wired (filters, limits), the NIC hot-plugged into the VM's PCIe
+                   root port; the guest finds it by the MAC its network-config names
   launch:running   the task's seed files written to the claim port; RUNNING checkpoint
 A crash at any step leaves what recover() cleans: before the rename a pool directory and a pool
 domain (destroyed as a dead pool's), after it a LAUNCHING container whose domain names it
-(failed and destroyed, as an interrupted cold launch).
+(failed and destroyed, as an interrupted cold launch; its network released with it).
 """
 import os
 import secrets
@@ -61,9 +64,15 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
         step = "running"
         iso.host.watch(c.domain, lambda event, detail: iso._on_lifecycle(c, event, detail))
         iso.host.watch_exit(c.domain, lambda: iso._on_exit(c))
+        network_config = None
+        if spec.network is not None:
+            step = "network"
+            network_config = _plug_network(iso, c, slot, spec.network)
+            iso._step(c, "launch:network")
+            step = "running"
         files = seed.seed_files(instance_id=new_uuid(), hostname=guest_hostname(container_id),
                                 argv=task.argv, env=task.env, nonce=checkpoint.nonce,
-                                workdir=task.workdir, data_files={})
+                                workdir=task.workdir, data_files={}, network_config=network_config)
         files["entropy"] = os.urandom(ENTROPY_BYTES)
         files["clock"] = b"%d\n" % int(time.time())
         iso.pool.send(slot, files)
@@ -85,6 +94,19 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
     return iso.status(container_id)
 
 
+def _plug_network(iso, c, slot, network):
+    """The task's NIC, as a cold launch's (Isolator._plan_network, port.wire: the lease recorded
+    before the tap exists, filters and limits on the tap before the guest sees it), plugged into
+    the running VM. Returns the network-config for the task's seed files."""
+    from .net import port
+
+    network_config = iso._plan_network(c, network)
+    port.wire(iso.workdir.root, c.checkpoint.extra, network)
+    nic = domain.Interface(c.checkpoint.extra["tap"], c.checkpoint.extra["mac"], hotplug=True)
+    iso.host.attach_device(slot.dom, domain.interface_xml(nic))
+    return network_config
+
+
 def _undo(iso, c, slot):
     """A failed claim: the VM is destroyed (never returned to the pool: it may have seen part
     of this task), its directory removed wherever it is, the record forgotten."""
@@ -97,6 +119,7 @@ def _undo(iso, c, slot):
     except VmisoError:
         pass
     iso.pool.release(slot)
+    iso._release_network(c)  # after the VM: the tap goes once nothing uses it
     if c.dir != slot.dir:
         iso.workdir.remove_container_dir(c.id)
     with iso._lock:

@@ -111,3 +111,56 @@ def test_a_warm_tasks_output_survives_virtlogds_roll_over(workdir):
         iso.destroy(cid, grace=0)
         iso.pool.close()
         iso.host.close()
+
+
+def test_a_warm_task_with_a_network_reaches_its_peer_by_its_lease_and_cannot_spoof(workdir, lan):
+    """A task with a network claims a warm VM: the address and MAC leased at claim, the tap wired
+    with its filters, the NIC hot-plugged. The peer namespace and the task reach each other by
+    that address; a spoofed source address or MAC reaches nothing and is dropped at its port;
+    nothing of the network is left after destroy."""
+    from tests.net import nsutil
+    from vmiso.net import filter, ipam
+    from vmiso.spec import NetworkSpec
+
+    bridge, prefix, ns = lan
+    peer = prefix + "1"
+    script = (f'i=0; until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 20 ] || break; done; '
+              f"ping -c 2 -W 2 {peer} >/dev/null && echo reach-peer; "
+              "me=$(ip addr show dev eth0 | sed -n 's/.*inet \\([0-9./]*\\).*/\\1/p'); echo addr=$me; "
+              "mac=$(cat /sys/class/net/eth0/address); "
+              f"ip addr flush dev eth0; ip addr add {prefix}200/24 dev eth0; "
+              f"ping -c 2 -W 2 {peer} >/dev/null && echo spoofed-ip-reached; "
+              'ip addr flush dev eth0; ip addr add "$me" dev eth0; '
+              "ip link set eth0 down; ip link set eth0 address 02:de:ad:be:ef:01; ip link set eth0 up; "
+              f"ping -c 2 -W 2 {peer} >/dev/null && echo spoofed-mac-reached; "
+              'ip link set eth0 down; ip link set eth0 address "$mac"; ip link set eth0 up; '
+              "echo spoof-done; sleep 60")
+    iso = Isolator(workdir=workdir, agent_id=AGENT, pool=PoolConfig(size=1, refill_delay_s=3600))
+    cid = "w-" + secrets.token_hex(3)
+    try:
+        assert iso.pool.wait_ready(1, timeout=120)
+        status = iso.launch(cid, TaskSpec.shell(script, network=NetworkSpec(bridge)))
+        assert status.domain.startswith("vmiso-pool-")  # warm, not a cold boot
+        assert status.ip.startswith(prefix) and int(status.mac[:2], 16) & 3 == 2
+        tap = iso._get(cid).checkpoint.extra["tap"]
+        out = b""
+        for name, data in iso.output(cid):
+            out += data if name == "stdout" else b""
+            if b"spoof-done" in out:
+                break
+        text = out.decode(errors="replace")
+        with open(iso.console_log(cid), errors="replace") as f:
+            console = f.read()[-2000:]
+        assert "reach-peer" in text and f"addr={status.ip}" in text, (text, console)
+        assert "spoofed-ip-reached" not in text and "spoofed-mac-reached" not in text, text
+        assert filter.drops(tap) > 0  # the spoofed frames died at the task's port
+        # The peer reaches the task by the address vmiso leased.
+        assert nsutil.run("busybox", "ping", "-c", "1", "-W", "3", status.ip.split("/")[0], ns=ns,
+                          check=False).returncode == 0
+        iso.destroy(cid, grace=0)
+        assert not os.path.exists(f"/sys/class/net/{tap}") and tap not in filter.protected()
+        assert ipam.Store(iso.workdir.root).lease(cid) is None
+    finally:
+        iso.destroy(cid, grace=0)
+        iso.pool.close()
+        iso.host.close()

@@ -20,7 +20,7 @@ import time
 from ..errors import InvalidSpec, NotFound
 from ..image import micro as micro_mod
 from ..image import resolve
-from ..spec import Resources, TaskSpec
+from ..spec import NetworkSpec, Resources, TaskSpec
 from . import baseline as prototype
 from .marks import MarkWatcher, ProcessExit
 
@@ -52,6 +52,7 @@ WARM_MARKS = (
     ("launch:image", "image", "spec validated, image resolved"),
     ("launch:claim", "claim", "pool VM claimed, checkpoint, metadata"),
     ("launch:dir", "dir", "directory renamed to the container's"),
+    ("launch:network", "network", "NIC leased, wired, hot-plugged"),
     ("launch:running", "running", "task's seed files sent (claim port)"),
     ("task_start", "task_start", "task started"),
     ("task_exit", "task_exit", "task exited (exit line)"),
@@ -73,14 +74,16 @@ BASELINE_MARKS = (
 )
 
 
-def vmiso_once(iso, command, mem_mib=256, image="micro", warm=False):
+def vmiso_once(iso, command, mem_mib=256, image="micro", warm=False, network=None):
     """One launch through ``iso`` (an Isolator); {mark: ms since launch start}, plus "ok".
-    ``warm``: the launch must take a VM from ``iso``'s pool (it waits, untimed, for one)."""
+    ``warm``: the launch must take a VM from ``iso``'s pool (it waits, untimed, for one).
+    ``network``: a bridge to give the task a NIC on."""
     cid = ("warm-" if warm else "bench-") + secrets.token_hex(4)
     watcher = MarkWatcher(iso.workdir.containers, cid, pidfile=f"{PID_DIR}/vmiso-{cid}.pid")
     watcher.start()
     watcher.ready.wait()
-    spec = TaskSpec(command=command, resources=Resources(mem_mib=mem_mib), image=image)
+    spec = TaskSpec(command=command, resources=Resources(mem_mib=mem_mib), image=image,
+                    network=NetworkSpec(network) if network else None)
     timeline, ok, qemu = {}, False, None
     try:
         status = iso.launch(cid, spec)
@@ -112,13 +115,13 @@ def vmiso_once(iso, command, mem_mib=256, image="micro", warm=False):
     return out
 
 
-def cli_command(workdir, command, mem_mib=256, image="micro"):
+def cli_command(workdir, command, mem_mib=256, image="micro", network=None):
     """argv of ``vmiso run`` for the same task: the console script beside this interpreter (what a
     user runs), else ``python -m vmiso``."""
     script = os.path.join(os.path.dirname(sys.executable), "vmiso")
     head = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "vmiso"]
     return head + ["--workdir", str(workdir), "--agent-id", "vmiso-bench", "run", "--mem", str(mem_mib),
-                   "--image", image, "--", *command]
+                   "--image", image, *(("--network", network) if network else ()), "--", *command]
 
 
 def cli_environment():
@@ -334,17 +337,21 @@ def _pool(jobs, concurrency):
 
 
 def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/var/lib/vmiso",
-        mem_mib=256, progress=True, isolator=None, image="micro", with_cli=True, warm=False, pool_size=1):
+        mem_mib=256, progress=True, isolator=None, image="micro", with_cli=True, warm=False, pool_size=1,
+        network=None):
     """Measure; return the result object (see summarize). ``image``: "micro", "micro:lean" or
     "micro:stock" (the prototype path boots the same kernel), or a stored container image's name
     or id (the task runs in its root under micro's lean kernel; no prototype path).
     ``with_cli`` (sequential runs only): also time the whole ``vmiso run`` process for the same
     task, interleaved with the in-process launches (one untimed run first). ``warm`` (sequential
     runs only): also N launches into warm VMs of a pool of ``pool_size`` (vmiso/pool.py), each
-    launch of every kind starting once the pool has refilled (untimed)."""
+    launch of every kind starting once the pool has refilled (untimed). ``network``: a bridge every
+    task gets a NIC on (no baseline: the prototype path had none)."""
     from ..isolator import Isolator
 
     command = [a if isinstance(a, bytes) else os.fsencode(a) for a in command]
+    if network and with_baseline:
+        raise InvalidSpec("baseline", "the prototype path had no network: compare networked launches without it")
     iso = isolator or Isolator(workdir=workdir, agent_id="vmiso-bench")
     built = _kernel_image(iso, image, with_baseline)
     with_cli = with_cli and concurrency == 1
@@ -366,13 +373,13 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
 
             def warm_job():
                 pool_full(warm_iso)
-                result = vmiso_once(warm_iso, command, mem_mib, image, warm=True)
+                result = vmiso_once(warm_iso, command, mem_mib, image, warm=True, network=network)
                 show("warm", result)
                 return result
-        vm_job = _job(lambda: vmiso_once(iso, command, mem_mib, image), "vmiso", show)
+        vm_job = _job(lambda: vmiso_once(iso, command, mem_mib, image, network=network), "vmiso", show)
         cli_job = None
         if with_cli:
-            argv, env = cli_command(iso.workdir.root, [os.fsdecode(a) for a in command], mem_mib, image), \
+            argv, env = cli_command(iso.workdir.root, [os.fsdecode(a) for a in command], mem_mib, image, network), \
                 cli_environment()
             show.note("one untimed vmiso run")
             cli_once(argv, env)  # page cache and byte-code caches, as on a machine that ran it before
@@ -411,7 +418,7 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
     result = summarize(vm, base, wall, base_wall, concurrency, cli=cli, warm=warm_results)
     if pool is not None:
         result["pool"] = pool
-    result.update(image=image, kernel=f"{built.kernel_flavour} {built.kernel_version}",
+    result.update(image=image, network=network, kernel=f"{built.kernel_flavour} {built.kernel_version}",
                   cpu_probe="quick" if iso.cpu_probe().quick else "full")
     return result
 

@@ -34,6 +34,7 @@ class FakeDomain:
         self.destroyed = False
         self.claimed = None  # a warm VM's: the bytes its claim port received (FakeHost plays the guest)
         self.claim_done = threading.Event()
+        self.attached = []   # XML of the devices plugged in while it runs (attach_device)
         self.claim_socket = next((c.find("source").get("path") for c in root.findall("devices/channel")
                                   if c.find("target").get("name") == domain_xml.CLAIM_PORT_NAME), None)
 
@@ -150,6 +151,11 @@ class FakeHost:
         self.calls.append(("set_metadata", dom.name()))
         self._maybe_fail("set_metadata", f"cannot set the metadata of {dom.name()}")
         dom.metadata = xml
+
+    def attach_device(self, dom, xml):
+        self.calls.append(("attach_device", dom.name()))
+        self._maybe_fail("attach_device", f"cannot attach a device to {dom.name()}")
+        dom.attached.append(xml)
 
     def set_memory_hard_limit(self, dom, limit_bytes):
         self._maybe_fail("set_memory_hard_limit", f"cannot set the memory limit of {dom.name()}")

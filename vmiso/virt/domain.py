@@ -19,6 +19,9 @@ CPU_PERIOD_US = 100_000
 TASK_CHANNEL_PORT = 1  # serial ports: 0 the boot console, 1 the task's stdout (and stop requests), 2 stderr
 STDIN_PORT_NAME = "vmiso.stdin"  # the virtio-serial port the guest wrapper gives the task as stdin
 CLAIM_PORT_NAME = "vmiso.claim"  # a warm VM's: its task's seed files arrive there (vmiso/pool.py)
+# A warm VM's PCIe root port (controller index 1, so bus 1): its task's NIC is plugged in there at
+# claim. The root bus takes no hot-plugged device; a root port does.
+HOTPLUG_BUS = 1
 # A virtio balloon lets update() change guest memory live (a guest without the driver ignores it).
 # Its boot cost was within the noise when measured (docs/performance.md, "Numbers behind code
 # comments"); re-measure with `vmiso bench launch` before removing it to save time.
@@ -45,6 +48,9 @@ class Interface:
     mac: str
     model: str = "virtio"
     rom: bool = False           # the NIC's option ROM only slows a direct kernel boot
+    # Plugged into a running domain's hot-plug port (HOTPLUG_BUS): QEMU refuses a hot-plugged NIC
+    # with its ROM file but no ROM BAR, so it gets no ROM at all.
+    hotplug: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ class DomainConfig:
     # device for the guest kernel to probe and set up (they hot-plug nothing a task VM needs).
     root_bus_devices: bool = False
     lean_platform: bool = False  # no HPET, no VMware I/O port, no PMU: nothing a task VM uses
+    # One PCIe root port (bus HOTPLUG_BUS) for a device plugged in while the VM runs: a warm VM's
+    # NIC, attached when a task with a network claims it (vmiso/warm.py).
+    hotplug_port: bool = False
     # QEMU capabilities libvirt must act as if this QEMU lacked (virt/cpuprobe.py says why).
     dropped_qemu_caps: tuple = ()
     # The task channel's (serial port 1's) input: a unix socket libvirt listens on, through which
@@ -183,19 +192,25 @@ class DomainConfig:
         channels = [(path, name) for path, name in ((self.stdin_socket, STDIN_PORT_NAME),
                                                     (self.claim_socket, CLAIM_PORT_NAME)) if path]
         if channels:
-            ET.SubElement(devices, "controller", type="virtio-serial", index="0", ports=str(len(channels)))
+            # Port 0 is a console's: libvirt numbers channels from 1, and with ports=len(channels)
+            # the last one did not fit and libvirt added a second controller where it found a
+            # free PCI slot (a warm VM's hot-plug port).
+            ET.SubElement(devices, "controller", type="virtio-serial", index="0", ports=str(len(channels) + 1))
         for path, name in channels:
             chan = ET.SubElement(devices, "channel", type="unix")
             # mode connect: QEMU connects while it starts, before the guest runs, so the port is
             # open (host_connected) when the guest first reads, and our hang-up becomes its EOF.
             ET.SubElement(chan, "source", mode="connect", path=path)
             ET.SubElement(chan, "target", type="virtio", name=name)
+        if self.hotplug_port:
+            ET.SubElement(devices, "controller", type="pci", index=str(HOTPLUG_BUS), model="pcie-root-port")
         ET.SubElement(devices, "controller", type="usb", model="none")
         ET.SubElement(devices, "memballoon", model="virtio" if self.balloon else "none")
         if self.root_bus_devices:
             pci = [el for el in devices if el.tag in ("disk", "interface", "filesystem")
                    or (el.tag == "memballoon" and el.get("model") != "none")
-                   or (el.tag == "controller" and el.get("type") == "virtio-serial")]
+                   or (el.tag == "controller" and el.get("type") == "virtio-serial")
+                   or (el.tag == "controller" and el.get("model") == "pcie-root-port")]
             for slot, el in enumerate(pci, start=2):
                 ET.SubElement(el, "address", type="pci", domain="0x0000", bus="0x00", slot=f"0x{slot:02x}",
                               function="0x0")
@@ -247,9 +262,18 @@ def _interface_element(nic):
     ET.SubElement(el, "mac", address=nic.mac)
     ET.SubElement(el, "target", dev=nic.tap, managed="no")
     ET.SubElement(el, "model", type=nic.model)
-    if not nic.rom:
+    if nic.hotplug:
+        ET.SubElement(el, "rom", enabled="no")
+        ET.SubElement(el, "address", type="pci", domain="0x0000", bus=f"0x{HOTPLUG_BUS:02x}", slot="0x00",
+                      function="0x0")
+    elif not nic.rom:
         ET.SubElement(el, "rom", bar="off")
     return el
+
+
+def interface_xml(nic):
+    """The <interface> element of Interface ``nic`` as XML text (for Host.attach_device)."""
+    return ET.tostring(_interface_element(nic), encoding="unicode")
 
 
 def metadata_xml(record):
@@ -276,7 +300,8 @@ def parse_metadata(xml_text):
 
 def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, logs, metadata, boot,
            interfaces=(), quick_cpu_probe=False, control_socket=None,
-           filesystems=(), stdin_socket=None, system_disk=None, dac_label=None, claim_socket=None):
+           filesystems=(), stdin_socket=None, system_disk=None, dac_label=None, claim_socket=None,
+           hotplug_port=False):
     """The DomainConfig for one task: ``boot`` is a MicroImage-like object with kernel, initrd
     and cmdline for direct kernel boot, or None to boot the disk (a cloud image).
     ``system_disk``: micro's root as a shared read-only vdc (a container image's task: the
@@ -284,7 +309,8 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
     ``quick_cpu_probe``: the host's cpuprobe.choose() said yes. ``control_socket``: where libvirt
     listens for what vmiso writes to the task channel. ``filesystems``: Filesystem objects (the
     task's volumes). ``stdin_socket``: where vmiso listens for the task's stdin port.
-    ``dac_label``: (uid, gid) to run QEMU as (None: libvirt's configured QEMU user)."""
+    ``dac_label``: (uid, gid) to run QEMU as (None: libvirt's configured QEMU user).
+    ``hotplug_port``: a PCIe root port for a NIC plugged in later (a warm VM's)."""
     quota = None
     if resources.cpus != resources.vcpus:
         quota = int(round(resources.cpus * CPU_PERIOD_US))
@@ -311,6 +337,6 @@ def design(*, name, uuid, accel, resources, overlay, base, base_format, seed, lo
         dropped_qemu_caps=(cpuprobe.CAPABILITY,) if quick_cpu_probe else (),
         task_channel_socket=str(control_socket) if control_socket else None,
         filesystems=tuple(filesystems), stdin_socket=str(stdin_socket) if stdin_socket else None,
-        claim_socket=str(claim_socket) if claim_socket else None,
+        claim_socket=str(claim_socket) if claim_socket else None, hotplug_port=hotplug_port,
         dac_label=tuple(dac_label) if dac_label is not None else None,
     )

@@ -318,6 +318,14 @@ class Host:
         except libvirt.libvirtError as err:
             raise translate(err, f"cannot set the metadata of {dom.name()}") from err
 
+    def attach_device(self, dom, xml):
+        """Plug the device ``xml`` describes into the running domain (live only): a warm VM's
+        NIC, at claim. Returns once QEMU has added it."""
+        try:
+            dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            raise translate(err, f"cannot attach a device to {dom.name()}") from err
+
     def metadata(self, dom, namespace):
         """The domain's metadata element in ``namespace`` as XML text, or None."""
         try:
