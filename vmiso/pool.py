@@ -32,7 +32,6 @@ import os
 import secrets
 import shutil
 import socket
-import tarfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -198,6 +197,8 @@ class Pool:
         """Write the task's seed files (name -> bytes) to the claimed VM's claim port as a tar
         stream, then our end of the stream: the guest's read ends there. A thread keeps the
         connection until QEMU has read it all and closes (a hang-up would drop unread bytes)."""
+        import tarfile  # here: every Isolator has a pool, few send anything
+
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for name in sorted(files):

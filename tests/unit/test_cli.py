@@ -69,3 +69,33 @@ def test_bench_usage_prints_reads_refreshes_and_speedups(tmp_path):
     else:
         assert float(rows["cython_us_per_vm"]) > 0 and float(rows["cython_refresh_us_per_vm"]) > 0
         assert "x faster than python" in proc.stdout
+
+
+def test_each_command_registers_only_its_own_module_and_the_table_is_complete():
+    """`vmiso CMD` builds a parser with CMD's module only (main.COMMANDS): the table names every
+    command each module registers, and the command word is found after the global options."""
+    import argparse
+    import importlib
+
+    from vmiso.cli import main
+
+    for name in dict.fromkeys(main.COMMANDS.values()):
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"vmiso.cli.{name}").register(sub)
+        assert {c for c, m in main.COMMANDS.items() if m == name} == set(sub.choices), name
+    assert list(main.build_parser()._subparsers._group_actions[0].choices) == list(main.COMMANDS)
+    for argv, word in ((["--workdir", "ps", "-v", "run", "--", "true"], "run"), (["--uri=x", "ps"], "ps"),
+                       (["--help"], None), (["runn", "x"], None), ([], None), (["--agent-id", "a", "gc"], "gc")):
+        assert main._command_word(argv) == word, argv
+    only = main.build_parser("ps")._subparsers._group_actions[0].choices
+    assert set(only) == {"ps", "wait", "kill", "rm", "logs"}
+
+
+def test_the_run_command_does_not_import_the_other_commands():
+    """What `vmiso run` imports of the CLI: its own module and the shared one, nothing else."""
+    code = ("import sys; from vmiso.cli import main; main.build_parser(main._command_word(['run', '--', 'true']));"
+            "print(sorted(m for m in sys.modules if m.startswith('vmiso.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # run.py's own helpers (taskdata, terminal) besides main and common: no other command's module.
+    assert out.strip() == str(["vmiso.cli.common", "vmiso.cli.main", "vmiso.cli.run", "vmiso.cli.taskdata",
+                               "vmiso.cli.terminal"])

@@ -4,13 +4,20 @@ Exit codes: a task's own exit code for ``run``/``wait``; 124 when the task hit i
 137 when it was killed, 125 for vmiso's own failures (one line on stderr, like ``docker run``).
 """
 import argparse
+import importlib
 import logging
 import os
 import sys
 
 from ..errors import NotOwned, VmisoError
-from . import agent, bench, containers, doctor, gc, image, net, run, slurm, stats
 from .common import EXIT_VMISO_ERROR, close_isolators, size_arg
+
+# The module that registers each command, in the order `vmiso --help` lists them. `vmiso CMD`
+# imports and registers only CMD's module: the others' imports and argparse set-up were a tenth
+# of `vmiso run`'s own start (tests/unit/test_cli.py checks this table against the modules).
+COMMANDS = {"run": "run", "ps": "containers", "wait": "containers", "kill": "containers", "rm": "containers",
+            "logs": "containers", "gc": "gc", "image": "image", "doctor": "doctor", "bench": "bench",
+            "net": "net", "stats": "stats", "metrics": "stats", "slurm": "slurm", "agent": "agent"}
 
 DESCRIPTION = """\
 Run tasks in their own QEMU/KVM virtual machines.
@@ -31,9 +38,29 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_VMISO_ERROR, f"vmiso: error: {message}\n")
 
 
-def build_parser():
+def build_parser(command=None):
+    """The whole parser; ``command``: only that command's module registered (it must be one)."""
     parser = Parser(
         prog="vmiso", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    names = [COMMANDS[command]] if command is not None else list(dict.fromkeys(COMMANDS.values()))
+    for name in names:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
+    return parser
+
+
+def _command_word(argv):
+    """The command ``argv`` names (after the global options), or None: none, or not a command."""
+    pre = Parser(prog="vmiso", add_help=False)
+    _global_options(pre)
+    pre.add_argument("command", nargs="?")
+    known, _rest = pre.parse_known_args(argv)
+    return known.command if known.command in COMMANDS else None
+
+
+def _global_options(parser):
     parser.add_argument("--workdir", default=os.environ.get("VMISO_WORKDIR", "/var/lib/vmiso"),
                         help="work directory (default: $VMISO_WORKDIR or /var/lib/vmiso)")
     parser.add_argument("--uri", default=os.environ.get("VMISO_URI", "qemu:///system"),
@@ -55,15 +82,11 @@ def build_parser():
                              "$VMISO_AGENT_SOCKET, else the one the work dir's agent recorded, else "
                              "/run/vmiso/agent.sock); commands go through an agent whenever one serves the work dir")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what vmiso does")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for module in (run, containers, gc, image, doctor, bench, net, stats, slurm, agent):
-        module.register(sub)
-    return parser
 
 
 def main(argv=None):
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_word(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vmiso: %(levelname)s: %(message)s")

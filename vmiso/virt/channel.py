@@ -13,6 +13,7 @@ import os
 import re
 import select
 import socket
+import threading
 import time
 
 MARKER_TAIL_BYTES = 256  # enough for "VMISO-<64 hex> EXIT <code>\n"
@@ -183,8 +184,11 @@ class Inotify:
         return True
 
     def close(self):
+        """Close the descriptor in the background: the kernel waits for an RCU grace period
+        before an inotify descriptor's close returns (milliseconds, longer on a loaded host),
+        and a follower closes it on the path to `vmiso run`'s exit."""
         if self.fd >= 0:
-            os.close(self.fd)
+            threading.Thread(target=os.close, args=(self.fd,), name="vmiso-inotify-close", daemon=True).start()
             self.fd = -1
 
 
