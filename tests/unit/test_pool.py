@@ -208,3 +208,38 @@ def test_a_log_directory_is_named_by_a_slot_id_only(tmp_path):
         work.make_log_dir("0123456789ab")
     work.remove_log_dir("0123456789ab")
     assert not os.path.lexists(containers / ".logs-0123456789ab") and (target / "keep").exists()
+
+
+def test_ps_through_the_agent_lists_the_pool_vms_as_in_process_ps_does(tmp_path, host, base, monkeypatch, capsys):
+    """The agent's clients cannot read <workdir>/pool.json: its info answer carries the pool's
+    VMs, and `vmiso ps` through it prints the same WARM rows as in-process."""
+    import argparse
+    import threading
+
+    from vmiso.agent.client import RemoteIsolator
+    from vmiso.agent.policy import Policy
+    from vmiso.agent.server import Agent
+    from vmiso.cli import containers
+
+    iso = make(tmp_path, host, base, size=2)
+    assert iso.pool.wait_ready(2, timeout=10)
+    agent = Agent(iso, Policy.parse({}), str(tmp_path / "a.sock"))
+    agent.bind()
+    thread = threading.Thread(target=agent.serve_forever, daemon=True)
+    thread.start()
+    args = argparse.Namespace(json=False)
+    try:
+        monkeypatch.setattr(containers, "_iso", lambda args: iso)
+        containers.ps(args)
+        in_process = [line for line in capsys.readouterr().out.splitlines() if "WARM-" in line]
+        client = RemoteIsolator.connect(agent.socket_path, iso.workdir.root)
+        monkeypatch.setattr(containers, "_iso", lambda args: client)
+        containers.ps(args)
+        through_agent = [line for line in capsys.readouterr().out.splitlines() if "WARM-" in line]
+    finally:
+        agent.stop()
+        thread.join(5)
+        agent.close()
+        iso.pool.close()
+    assert len(in_process) == 2 and sorted(in_process) == sorted(through_agent)
+    assert all("WARM-READY" in line and AGENT in line for line in through_agent)

@@ -422,7 +422,18 @@ def info(h, query):
     h._send(200, {"workdir": str(h.agent.iso.workdir.root), "agent_id": h.agent.iso.agent_id,
                   "pid": os.getpid(), "version": __version__, "socket": h.agent.socket_path,
                   "caller": {"uid": h.peer.uid, "gid": h.peer.gid, "pid": h.peer.pid},
-                  "may_run": may_run, "why_not": why, "policy": h.agent.policy.source})
+                  "may_run": may_run, "why_not": why, "policy": h.agent.policy.source,
+                  "pool": _pool_rows(h.agent.iso)})
+
+
+def _pool_rows(iso):
+    """The agent's warm VMs as `vmiso ps` shows them, shaped as pool.read_status's (None: no
+    pool). Booted for nobody yet: no task, owner or address in them to hide from any caller."""
+    status = iso.pool.status()
+    if not status["config"]:
+        return None
+    return {"config": {"image": status["config"]["image"]}, "agent": status["agent"],
+            "slots": [{"id": s["id"], "state": s["state"]} for s in status["slots"]]}
 
 
 def list_containers(h, query):

@@ -68,13 +68,15 @@ def ps(args):
         age = f"{time.time() - (s.started_at or time.time()):.0f}s"
         end = f"{s.termination.exit_code} {s.termination.reason}" if s.termination else ""
         print(f"{s.container_id:<24} {s.state:<10} {s.image:<12} {s.accel:<5} {age:>7}  {s.owner:<12} {end}")
-    if not getattr(iso, "remote", False):
+    if getattr(iso, "remote", False):
+        pool = iso.info().get("pool")  # the agent's own pool (its clients cannot read pool.json)
+    else:
         from ..pool import read_status
 
         pool = read_status(str(iso.workdir.root))
-        for slot in (pool or {}).get("slots", ()):  # warm VMs: no container yet
-            print(f"{'(pool) ' + slot['id']:<24} {'WARM-' + slot['state'].upper():<10} "
-                  f"{pool['config']['image']:<12} {'':<5} {'':>7}  {pool['agent']:<12}")
+    for slot in (pool or {}).get("slots", ()):  # warm VMs: no container yet
+        print(f"{'(pool) ' + slot['id']:<24} {'WARM-' + slot['state'].upper():<10} "
+              f"{pool['config']['image']:<12} {'':<5} {'':>7}  {pool['agent']:<12}")
     return 0
 
 
