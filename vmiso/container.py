@@ -120,3 +120,13 @@ def decide_termination(checkpoint, stop_detail, exit_code):
     if stop_detail == "destroyed":
         return Termination(FAILED, R_VM_CRASHED, None, "the VM was destroyed outside vmiso")
     return Termination(LOST, R_VM_CRASHED, None, "the VM ended while nobody watched, without an exit status")
+
+
+def new_uuid():
+    """A random (version 4) UUID as text. Not the uuid module: it imports platform, a few ms of
+    every vmiso command's start."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 from . import admission, faults, state, taskrun
 from .accounting import live as accounting
-from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostname, hold_launch_lock
+from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostname, hold_launch_lock, new_uuid
 from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, NotOwned, Timeout, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
@@ -730,14 +730,6 @@ class Isolator:
         return c
 
 
-def new_uuid():
-    """A random (version 4) UUID as text. Not the uuid module: it imports platform, a few ms of
-    every vmiso command's start."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _local_uid(uid):

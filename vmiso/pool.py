@@ -40,6 +40,7 @@ from typing import Optional
 from . import files as files_mod
 from . import state
 from .accounting import live as accounting
+from .container import new_uuid
 from .errors import InvalidSpec, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
@@ -268,8 +269,6 @@ class Pool:
         })
         listener = sockets.listen(slot.path(CLAIM_SOCKET))
         try:
-            from .isolator import new_uuid
-
             config_xml = domain.design(
                 name=slot.domain, uuid=new_uuid(), accel=iso.accel, resources=resources,
                 overlay=slot.path(OVERLAY), base=image.base, base_format=image.base_format, seed=slot.path(SEED),

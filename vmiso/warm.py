@@ -19,10 +19,9 @@ import time
 
 from . import state
 from .accounting import live as accounting
-from .container import LAUNCH_LOCK, Container, guest_hostname, hold_launch_lock
+from .container import LAUNCH_LOCK, Container, guest_hostname, hold_launch_lock, new_uuid
 from .errors import AlreadyExists, LaunchFailed, VmisoError
 from .image import seed
-from .isolator import new_uuid
 from .spec import ContainerStatus
 from .virt import domain
 
