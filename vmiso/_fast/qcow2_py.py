@@ -1,7 +1,7 @@
 """qcow2 overlay writer and header parser, pure Python (twin of vmiso/_fast/qcow2.pyx).
 
 Both modules have the same names, results and errors; tests compare them on the same inputs.
-Layout and limits follow QEMU (see /work/shared/reference/qcow2.md): the overlay is what
+Layout and limits follow QEMU (its docs/interop/qcow2.txt): the overlay is what
 ``qemu-img create -f qcow2 -b BASE -F FMT`` writes, byte for byte, whenever one refcount block
 covers the metadata (always at cluster_bits >= 14).
 """
