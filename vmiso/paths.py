@@ -155,7 +155,11 @@ def _ensure_dir(path, gid, private=False):
     if not stat.S_ISDIR(st.st_mode):
         raise HostError(f"{path} exists and is not a directory")
     if private:
-        restrict_to_qemu(path)
+        # Set up once: a later launch must neither rewrite it (a syscall per launch) nor drop
+        # the local users' QEMUs admit() let in meanwhile (their VMs may be starting).
+        uid = qemu_uid()
+        if not (uid is not None and st.st_gid == 0 and uid in _acl_users(path)):
+            restrict_to_qemu(path)
         return
     if gid is None or os.geteuid() != 0:
         # No separate QEMU user, or not root: QEMU runs as we do; keep it owner-only.

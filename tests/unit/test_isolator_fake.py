@@ -3,34 +3,15 @@ way a task ends (decide_termination's branches through the real conclusion path)
 ownership, and recovery after a restart. No libvirtd, no VM; the real-VM tests in
 tests/system prove the same against libvirt."""
 import os
-import subprocess
 
 import libvirt
 import pytest
 
-from vmiso import Isolator, LaunchFailed, NotOwned, TaskSpec, Timeout, VirtError, isolator, state
+from vmiso import Isolator, LaunchFailed, NotOwned, TaskSpec, Timeout, VirtError, state
 from vmiso.testing.fakehost import FakeHost
 
 AGENT = "agent-fake"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "base.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def quick_exit_line_grace(monkeypatch):
-    """A VM that powers off without an exit line is given EXIT_LINE_GRACE for virtlogd's last
-    bytes; the fake has no virtlogd lagging behind."""
-    monkeypatch.setattr(isolator, "EXIT_LINE_GRACE", 0.05)
-
-
-@pytest.fixture
-def host():
-    return FakeHost()
+pytestmark = pytest.mark.usefixtures("fast_conclusion")
 
 
 @pytest.fixture
@@ -238,6 +219,8 @@ def test_a_users_container_runs_qemu_as_that_user_and_its_directory_admits_only_
     root = iso.launch("r1", spec(base), uid=0)
     assert root.uid is None and ET.fromstring(host.domains["vmiso-r1"].xml).find("seclabel") is None
     assert _acl_users(iso.workdir.container_dir("r1")) == {qemu_uid()}
+    # ... and another launch's set-up of the work dir keeps the user's QEMU let into containers/.
+    assert {4242, qemu_uid()} <= _acl_users(iso.workdir.containers)
 
 
 def test_a_users_container_never_boots_a_host_path(iso, base):
