@@ -15,7 +15,14 @@ import time
 
 import pytest
 
-from vmiso.testing.agentd import agent_workdir, running_agent, start_agent, wait_until_serving
+from vmiso.testing.agentd import (
+    agent_workdir,
+    destroy_everything,
+    local_users,
+    running_agent,
+    start_agent,
+    wait_until_serving,
+)
 
 pytestmark = pytest.mark.system
 
@@ -57,17 +64,10 @@ class Env:
 @pytest.fixture(scope="module")
 def users():
     """{a, b: members of group vmiso; c: not} (real accounts, removed after)."""
-    subprocess.run(["bash", os.path.join(REPO, "scripts", "client.sh")], check=True)  # the install is current
     tag = secrets.token_hex(3)
     names = {"a": f"vmta{tag}", "b": f"vmtb{tag}", "c": f"vmtc{tag}"}
-    try:
-        for key, name in names.items():
-            groups = ["-G", "vmiso"] if key != "c" else []
-            subprocess.run(["useradd", "-m", "-s", "/bin/sh", *groups, name], check=True)
+    with local_users(os.path.join(REPO, "scripts", "client.sh"), (names["a"], names["b"]), (names["c"],)):
         yield names
-    finally:
-        for name in names.values():
-            subprocess.run(["userdel", "-r", "-f", name], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +84,8 @@ def env(workdir, users):
                     e.proc.send_signal(signal.SIGTERM)
                     e.proc.wait(20)
         finally:
-            _destroy_everything(wd)
+            destroy_everything(wd, AGENT_ID)
             subprocess.run(["rm", "-rf", sockdir])
-
-
-def _destroy_everything(wd):
-    from vmiso import Isolator
-
-    iso = Isolator(workdir=wd, agent_id=AGENT_ID)
-    try:
-        iso.recover()
-        for cid in iso.containers():
-            iso.destroy(cid, grace=0)
-    finally:
-        iso.host.close()
 
 
 def text(proc):

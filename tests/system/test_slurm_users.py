@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from vmiso.testing.agentd import agent_workdir, running_agent
+from vmiso.testing.agentd import agent_workdir, destroy_everything, local_users, running_agent
 from vmiso.testing.slurm import available, single_node_slurm
 
 pytestmark = [pytest.mark.system, pytest.mark.skipif(not available(), reason="needs root and slurm-wlm, munge")]
@@ -60,16 +60,10 @@ class Node:
 
 @pytest.fixture(scope="module")
 def users():
-    subprocess.run(["bash", os.path.join(REPO, "scripts", "client.sh")], check=True)
     tag = secrets.token_hex(3)
     names = {"a": f"vmsa{tag}", "b": f"vmsb{tag}"}
-    try:
-        for name in names.values():
-            subprocess.run(["useradd", "-m", "-s", "/bin/sh", "-G", "vmiso", name], check=True)
+    with local_users(os.path.join(REPO, "scripts", "client.sh"), tuple(names.values())):
         yield names
-    finally:
-        for name in names.values():
-            subprocess.run(["userdel", "-r", "-f", name], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +83,8 @@ def node(workdir, users):
                                   extra_args=("--keep-abandoned", str(KEEP_ABANDONED)), env=cluster.env):
                 yield Node(wd, socket, cluster, users, out)
         finally:
-            _destroy_everything(wd)
+            destroy_everything(wd, AGENT_ID)
             subprocess.run(["rm", "-rf", sockdir])
-
-
-def _destroy_everything(wd):
-    from vmiso import Isolator
-
-    iso = Isolator(workdir=wd, agent_id=AGENT_ID)
-    try:
-        iso.recover()
-        for cid in iso.containers():
-            iso.destroy(cid, grace=0)
-    finally:
-        iso.host.close()
 
 
 def wait_for(predicate, what, timeout):

@@ -4,33 +4,14 @@ teardown still runs; the VM's files, network and watches are released only at li
 event. destroy() right after wait() waits for that release; a process that dies between the
 halves leaves work recover() completes."""
 import os
-import subprocess
 import threading
 
 import pytest
 
-from vmiso import Isolator, TaskSpec, Timeout, isolator, state
-from vmiso.testing.fakehost import FakeHost
+from vmiso import Isolator, TaskSpec, Timeout, state
 
 AGENT = "agent-fake"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "base.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def quick_graces(monkeypatch):
-    monkeypatch.setattr(isolator, "EXIT_LINE_GRACE", 0.05)
-    monkeypatch.setattr(isolator, "RELEASE_RECHECK", 0.05)
-
-
-@pytest.fixture
-def host():
-    return FakeHost()
+pytestmark = pytest.mark.usefixtures("fast_conclusion")
 
 
 def make(tmp_path, host):

@@ -5,33 +5,14 @@ owner's pool VMs are destroyed by recover(). The guest side (micro-init) is test
 in tests/system/test_warm.py."""
 import io
 import os
-import subprocess
 import tarfile
 
 import pytest
 
-from vmiso import InvalidSpec, Isolator, LaunchFailed, PoolConfig, Resources, TaskSpec, isolator
-from vmiso.testing.fakehost import FakeHost
+from vmiso import InvalidSpec, Isolator, LaunchFailed, PoolConfig, Resources, TaskSpec
 
 AGENT = "agent-fake"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "base.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def quick(monkeypatch):
-    monkeypatch.setattr(isolator, "EXIT_LINE_GRACE", 0.05)
-    monkeypatch.setattr(isolator, "RELEASE_RECHECK", 0.05)
-
-
-@pytest.fixture
-def host():
-    return FakeHost()
+pytestmark = pytest.mark.usefixtures("fast_conclusion")
 
 
 def make(tmp_path, host, base, **config):

@@ -91,3 +91,34 @@ def wait_until_serving(proc, socket_path):
         if time.monotonic() > deadline:
             raise RuntimeError(f"vmiso agent did not serve {socket_path} within {START_TIMEOUT_S} s")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def local_users(client_script, members, others=()):
+    """Real unprivileged accounts for the agent's tests: ``members`` (names) in group vmiso,
+    ``others`` not, each with a home; removed afterwards. ``client_script`` (scripts/client.sh)
+    is run first, so the client install they run is current."""
+    subprocess.run(["bash", client_script], check=True)
+    made = []
+    try:
+        for name in [*members, *others]:
+            groups = ["-G", "vmiso"] if name in members else []
+            subprocess.run(["useradd", "-m", "-s", "/bin/sh", *groups, name], check=True)
+            made.append(name)
+        yield
+    finally:
+        for name in made:
+            subprocess.run(["userdel", "-r", "-f", name], capture_output=True)
+
+
+def destroy_everything(workdir, agent_id):
+    """Every container of ``agent_id`` in ``workdir``, destroyed in-process (after the agent stopped)."""
+    from ..isolator import Isolator
+
+    iso = Isolator(workdir=workdir, agent_id=agent_id)
+    try:
+        iso.recover()
+        for cid in iso.containers():
+            iso.destroy(cid, grace=0)
+    finally:
+        iso.host.close()
