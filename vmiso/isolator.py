@@ -250,13 +250,23 @@ class Isolator:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             raise LaunchFailed(container_id, step, err) from err
+        self._launched(c, lock_fd)
+        if listener is not None:
+            stdin_channel.feed(listener, spec.stdin, c.timeline)
+        return self.status(container_id)
+
+    def _launched(self, c, lock_fd):
+        """A launch (cold or warm) succeeded: free its lock, let kill/destroy in, start the timeout."""
         os.unlink(c.path(LAUNCH_LOCK))
         os.close(lock_fd)
         c.op.release()
         self._arm_timer(c)
-        if listener is not None:
-            stdin_channel.feed(listener, spec.stdin, c.timeline)
-        return self.status(container_id)
+
+    def _ownership(self, c):
+        """The domain metadata that makes ``c``'s VM provably this agent's and this work dir's
+        (recovery.py reads it back)."""
+        return {"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id,
+                "workdir": str(self.workdir.root)}
 
     def _disks_in_use(self):
         """(overlay path, virtual size) of each VM this Isolator runs (call with _lock held)."""
@@ -294,8 +304,7 @@ class Isolator:
             name=c.domain, uuid=new_uuid(), accel=self.accel, resources=spec.resources,
             overlay=c.path(OVERLAY), base=image.base, base_format=image.base_format, seed=c.path(SEED),
             logs=(c.path(CONSOLE_LOG), c.path(STDOUT), c.path(STDERR)),
-            metadata={"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id,
-                      "workdir": str(self.workdir.root)},
+            metadata=self._ownership(c),
             boot=image if image.kernel else None, interfaces=nics, quick_cpu_probe=self.cpu_probe().quick,
             control_socket=c.path(CONTROL_SOCKET), **_data_devices(c), system_disk=image.system_disk,
             dac_label=(extra["uid"], qemu_gid()) if "uid" in extra else None,

@@ -19,7 +19,7 @@ import time
 
 from . import state
 from .accounting import live as accounting
-from .container import LAUNCH_LOCK, Container, guest_hostname, hold_launch_lock, new_uuid
+from .container import Container, guest_hostname, hold_launch_lock, new_uuid
 from .errors import AlreadyExists, LaunchFailed, VmisoError
 from .image import seed
 from .spec import ContainerStatus
@@ -52,9 +52,8 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
     try:
         lock_fd = hold_launch_lock(slot.dir)
         state.write(slot.dir, checkpoint, durable=False)
-        record = {"agent": iso.agent_id, "container": container_id, "boot-id": checkpoint.boot_id,
-                  "workdir": str(iso.workdir.root)}
-        iso.host.set_metadata(slot.dom, domain.METADATA_NS, domain.METADATA_PREFIX, domain.metadata_xml(record))
+        iso.host.set_metadata(slot.dom, domain.METADATA_NS, domain.METADATA_PREFIX,
+                              domain.metadata_xml(iso._ownership(c)))
         iso._step(c, "launch:claim")
         step = "dir"
         os.rename(slot.dir, target)  # the VM's files are the container's from here on
@@ -86,10 +85,7 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         raise LaunchFailed(container_id, step, err) from err
-    os.unlink(c.path(LAUNCH_LOCK))
-    os.close(lock_fd)
-    c.op.release()
-    iso._arm_timer(c)
+    iso._launched(c, lock_fd)
     return iso.status(container_id)
 
 

@@ -23,13 +23,18 @@ def parse_env(pairs, environ):
     caller has none, as docker does)."""
     env = {}
     for pair in pairs:
-        name, sep, value = pair.partition("=")
-        _name(name, f"-e {pair}")
-        if sep:
-            env[name] = value
-        elif name in environ:
-            env[name] = environ[name]
+        _add(env, pair, f"-e {pair}", environ)
     return env
+
+
+def _add(env, entry, where, environ):
+    """One ``NAME=VALUE`` (or ``NAME``: the caller's value, left out when unset) into ``env``."""
+    name, sep, value = entry.partition("=")
+    _name(name, where)
+    if sep:
+        env[name] = value
+    elif name in environ:
+        env[name] = environ[name]
 
 
 def read_env_file(path, environ):
@@ -46,12 +51,7 @@ def read_env_file(path, environ):
         line = os.fsdecode(raw).rstrip("\r").lstrip()
         if not line or line.startswith("#"):
             continue
-        name, sep, value = line.partition("=")
-        _name(name, f"{path}:{number}")
-        if sep:
-            env[name] = value
-        elif name in environ:
-            env[name] = environ[name]
+        _add(env, line, f"{path}:{number}", environ)
     return env
 
 
