@@ -358,10 +358,10 @@ def run(n=5, concurrency=1, with_baseline=False, command=(b"true",), workdir="/v
     warm = warm and concurrency == 1
     show = Progress({"vmiso": n, "warm": n if warm else 0, "cli": n if with_cli else 0,
                      "baseline": n if with_baseline else 0}, enabled=progress)
-    cli = warm_results = None
+    cli = warm_results = warm_iso = None
     try:
         iso.host.conn()  # connect once, before the first launch is timed
-        warm_job = warm_iso = None
+        warm_job = None
         if warm:
             from ..pool import PoolConfig
 
