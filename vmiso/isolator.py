@@ -1,51 +1,45 @@
 """The Isolator: the Mesos-containerizer-shaped facade an agent calls.
 
-It orchestrates (validate, image, overlay, seed, domain, checkpoint) and owns the rollback order;
-it makes no libvirt or netlink call of its own (virt/ and net/ do). Every step that creates
-something has an undo, and a failed launch undoes what it did. The truth about a container is
-derived from its checkpoint, libvirt's live domains and the task channel, so any process (the
-agent after a restart, another ``vmiso`` command) sees the same thing.
+It owns the public calls and what they promise: a launch is validated here (spec, uid, volumes,
+stdin, image, network plan) before anything is made, then handed to a warm VM (warm.py) or a
+cold boot (cold.py), each with its own rollback; kill and destroy are ordered here; supervision
+(the container table, how an end is learned, recorded and cleaned up) is the Supervisor's
+(supervisor.py), recovery after a restart recovery.py's, usage and live limits accounting/'s.
+It makes no libvirt or netlink call of its own (virt/ and net/ do). The truth about a container
+is derived from its checkpoint, libvirt's live domains and the task channel, so any process
+(the agent after a restart, another ``vmiso`` command) sees the same thing.
 """
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Optional
 
-from . import admission, faults, state, taskrun
+from . import admission, cold, faults, state, taskrun
 from .accounting import live as accounting
-from .container import LAUNCH_LOCK, Container, decide_termination, guest_hostname, hold_launch_lock, new_uuid
-from .errors import AlreadyExists, InvalidSpec, LaunchFailed, NotFound, NotOwned, Timeout, VmisoError
-from .image import qcow2, seed
+from .errors import AlreadyExists, InvalidSpec, NotFound, Timeout
 from .image.resolve import resolve
 from .paths import (
     CONSOLE_LOG,
     CONTROL_SOCKET,
     DEFAULT_WORKDIR,
-    INITRD,
-    KERNEL,
-    OVERLAY,
-    SEED,
     STDERR,
-    STDIN_SOCKET,
     STDOUT,
     Workdir,
     qemu_gid,
 )
 from .spec import (
     R_DESTROYED,
-    R_IO_ERROR,
-    R_TIMEOUT,
     ContainerStatus,
     TaskSpec,
     Termination,
     validate_container_id,
 )
+from .supervisor import Supervisor
 from .virt import accel as accel_mod
-from .virt import channel, cpuprobe, domain, volumes
+from .virt import channel, cpuprobe, volumes
 from .virt import stdin as stdin_channel
 from .virt.host import DEFAULT_URI, Host
 
@@ -59,12 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DOMAIN_PREFIX = "vmiso-"
 RECONCILE_EVERY = 5.0  # events are hints: wait() re-checks libvirt this often
-EXIT_LINE_GRACE = 2.0  # seconds virtlogd may lag behind the stop event when writing the exit line
-ENDED_TIMELINES = 64  # destroyed containers whose timeline() still answers
-RELEASE_WAIT = 30.0  # destroy() after QEMU exited: how long libvirt's teardown may take before a destroy
-RELEASE_RECHECK = 1.0  # ... and how often libvirt is asked meanwhile (its stopped event may be lost)
 TIMEOUT_GRACE = 5.0  # at TaskSpec.timeout the task gets SIGTERM, and this long before a hard stop
 
 
@@ -100,11 +89,11 @@ class Isolator:
         self._cpu_probe_wanted = cpuprobe.setting(cpu_probe)  # "quick" or "full" (virt/cpuprobe.py)
         self._cpu_probe = None
         self.agent_id = agent_id
-        self.host.on_reconnect = self._reconcile_all
-        self._containers = {}
-        self._ended = {}  # destroyed containers' terminations, so wait() after destroy() answers
-        self._ended_timelines = {}  # the last ENDED_TIMELINES destroyed containers' timelines (bench)
-        self._lock = threading.RLock()
+        # The containers this Isolator supervises, and how each one's end is recorded and cleaned.
+        self.supervisor = Supervisor(self.host, self.workdir, agent_id, stop=self._stop)
+        self.host.on_reconnect = self.supervisor.reconcile_all
+        self._accounting = None
+        self._accounting_lock = threading.Lock()
         from .pool import Pool
 
         self.pool = Pool(self)
@@ -139,156 +128,24 @@ class Isolator:
 
             port.check(self.workdir.root, container_id, spec.network)
         if self.pool.config is not None and task.user is None and self.pool.fits(spec, image, uid):
-            with self._lock:
-                if container_id in self._containers:
-                    raise AlreadyExists("container", container_id)
+            if self.supervisor.supervises(container_id):
+                raise AlreadyExists("container", container_id)
             slot = self.pool.take()
             if slot is not None:
                 from . import warm
 
                 return warm.launch(self, container_id, spec, image, task, slot, started, resolved)
-        with self._lock:
-            if container_id in self._containers:
-                raise AlreadyExists("container", container_id)
-            disk_bytes = size or image.virtual_size
-            admission.check(self.workdir.containers, self._disks_in_use(), disk_bytes, self.disk_policy)
-            try:
-                directory = str(self.workdir.make_container_dir(container_id, qemu_uid=uid))
-            except FileExistsError as err:
-                raise AlreadyExists("container", container_id) from err
-            except OSError as err:  # ENOSPC, EACCES...: nothing was made
-                raise LaunchFailed(container_id, "dir", err) from err
-            try:
-                lock_fd = hold_launch_lock(directory)
-            except OSError as err:
-                self.workdir.remove_container_dir(container_id)
-                raise LaunchFailed(container_id, "dir", err) from err
-            checkpoint = state.Checkpoint(
-                container_id=container_id, agent_id=self.agent_id, domain=DOMAIN_PREFIX + container_id,
-                nonce=secrets.token_hex(16), boot_id=state.boot_id(), accel=self.accel.name,
-                image=image.name, base=image.base, created_at=time.time(),
-                deadline=time.time() + spec.timeout if spec.timeout else None,
-            )
-            checkpoint.extra["limits"] = accounting.limits_record(spec.resources)
-            checkpoint.extra["disk_bytes"] = disk_bytes
-            if shares:
-                checkpoint.extra["volumes"] = [s.record() for s in shares]
-            if spec.stdin is not None:
-                checkpoint.extra["stdin"] = True
-            if uid is not None:
-                checkpoint.extra["uid"] = uid
-            c = Container(container_id, directory, checkpoint)
-            c.timeline.update({"launch:start": started, "launch:image": resolved})
-            c.op.acquire()  # a kill or destroy racing this launch waits until it is done
-            self._containers[container_id] = c
-        step = "dir"
-        created = None
-        listener = None  # the stdin socket QEMU connects to (virt/stdin.py)
-        try:
-            self._step(c, "launch:dir")
-            step = "checkpoint"
-            # Not fsynced (most of the host preparation's time, docs/performance.md): a crashed process leaves it
-            # in the page cache; after power loss no VM is left to find. RUNNING fsyncs both.
-            state.write(directory, checkpoint, durable=False)
-            self._step(c, "launch:checkpoint")
-            step = "overlay"
-            qcow2.create_overlay_on_verified(c.path(OVERLAY), image.base, image.base_format,
-                                             disk_bytes)
-            self._step(c, "launch:overlay")
-            if uid is not None:
-                image = _own_kernel(c, image)
-            network_config = None
-            if spec.network is not None:
-                step = "network"  # address and MAC first: the seed carries them to the guest
-                network_config = self._plan_network(c, spec.network)
-            step = "seed"
-            hostname = guest_hostname(container_id)
-            oci = None
-            if task.user is not None:
-                address = c.checkpoint.extra["ip"].split("/")[0] if "ip" in c.checkpoint.extra else None
-                uid_in_image, gid_in_image, groups_in_image = task.user
-                dns = (network_config or {}).get("ethernets", {}).get("eth0", {}).get("nameservers", {})
-                oci = seed.oci_line(uid_in_image, gid_in_image, groups_in_image, hostname, address,
-                                    dns.get("addresses", ()))
-            files = seed.seed_files(instance_id=new_uuid(), hostname=hostname,
-                                    argv=task.argv, env=task.env, nonce=checkpoint.nonce,
-                                    data_files=_data_files(shares, spec),
-                                    workdir=task.workdir, network_config=network_config, oci=oci)
-            seed.write_seed(c.path(SEED), files)
-            self._step(c, "launch:seed")
-            if spec.network is not None:
-                step = "network"  # tap, filters, limits: in place before the guest's first frame
-                from .net import port
-
-                port.wire(self.workdir.root, c.checkpoint.extra, spec.network)
-                self._step(c, "launch:network")
-            if spec.stdin is not None:
-                step = "stdin"  # listening before QEMU starts: it connects while it starts
-                listener = stdin_channel.listen(c.path(STDIN_SOCKET), uid)
-                self._step(c, "launch:stdin")
-            step = "xml"
-            xml = self._domain_xml(c, spec, image)
-            c.timeline["launch:xml"] = time.monotonic()  # host preparation ends here
-            step = "create"
-            self.host.watch(c.domain, lambda event, detail: self._on_lifecycle(c, event, detail))
-            dom = self.host.create(xml)
-            created = dom  # rollback destroys this domain only: never one looked up by name
-            # Not in the XML: libvirt would also raise QEMU's RLIMIT_MEMLOCK to it (refused here).
-            self.host.set_memory_hard_limit(dom, accounting.hard_limit(spec.resources, checkpoint.accel))
-            self.host.watch_exit(c.domain, lambda: self._on_exit(c))
-            self._step(c, "launch:create")
-            step = "running"
-            checkpoint.phase = state.RUNNING
-            state.write(directory, checkpoint)
-            self._step(c, "launch:running")
-        except BaseException as err:
-            self._undo_launch(c, created)
-            if listener is not None:
-                listener.close()
-            os.close(lock_fd)
-            c.op.release()
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise LaunchFailed(container_id, step, err) from err
-        self._launched(c, lock_fd)
-        if listener is not None:
-            stdin_channel.feed(listener, spec.stdin, c.timeline)
-        return self.status(container_id)
-
-    def _launched(self, c, lock_fd):
-        """A launch (cold or warm) succeeded: free its lock, let kill/destroy in, start the timeout."""
-        os.unlink(c.path(LAUNCH_LOCK))
-        os.close(lock_fd)
-        c.op.release()
-        self._arm_timer(c)
-
-    def _ownership(self, c):
-        """The domain metadata that makes ``c``'s VM provably this agent's and this work dir's
-        (recovery.py reads it back)."""
-        return {"agent": self.agent_id, "container": c.id, "boot-id": c.checkpoint.boot_id,
-                "workdir": str(self.workdir.root)}
-
-    def _disks_in_use(self):
-        """(overlay path, virtual size) of each VM this Isolator runs (call with _lock held)."""
-        return [(c.path(OVERLAY), c.checkpoint.extra.get("disk_bytes", 0))
-                for c in self._containers.values() if not c.released]
-
-    @staticmethod
-    def _step(c, name):
-        """A named launch step is done: note when (for `vmiso bench`), then the fault point."""
-        c.timeline[name] = time.monotonic()
-        faults.hit(name)
+        return cold.launch(self, container_id, spec, image, task, uid, shares, started, resolved)
 
     def timeline(self, container_id: str) -> dict[str, float]:
         """When each named step of this container's launch completed, and when its VM exited,
         its status was known, libvirt reported it stopped, ... (time.monotonic()); also for a
         container this Isolator destroyed lately."""
         validate_container_id(container_id)
-        with self._lock:
-            ended = self._ended_timelines.get(container_id)
-            if ended is not None and container_id not in self._containers:
-                return dict(ended)
-        return dict(self._get(container_id).timeline)
+        ended = self.supervisor.ended_timeline(container_id)
+        if ended is not None:
+            return ended
+        return dict(self.supervisor.get(container_id).timeline)
 
     def cpu_probe(self) -> cpuprobe.CpuProbe:
         """How libvirt reads each new guest's CPU on this host (virt/cpuprobe.py); asked once."""
@@ -297,223 +154,18 @@ class Isolator:
             self._cpu_probe = cpuprobe.choose(libvirt_version, qemu_version, wanted=self._cpu_probe_wanted)
         return self._cpu_probe
 
-    def _domain_xml(self, c, spec, image):
-        extra = c.checkpoint.extra
-        nics = [domain.Interface(extra["tap"], extra["mac"])] if "tap" in extra else []
-        config = domain.design(
-            name=c.domain, uuid=new_uuid(), accel=self.accel, resources=spec.resources,
-            overlay=c.path(OVERLAY), base=image.base, base_format=image.base_format, seed=c.path(SEED),
-            logs=(c.path(CONSOLE_LOG), c.path(STDOUT), c.path(STDERR)),
-            metadata=self._ownership(c),
-            boot=image if image.kernel else None, interfaces=nics, quick_cpu_probe=self.cpu_probe().quick,
-            control_socket=c.path(CONTROL_SOCKET), **_data_devices(c), system_disk=image.system_disk,
-            dac_label=(extra["uid"], qemu_gid()) if "uid" in extra else None,
-        )
-        return config.to_xml()
-
-    def _plan_network(self, c, network):
-        """Lease the container's address, MAC and tap name; record them in the checkpoint (the
-        tap before it exists, so a crash at any later point still finds it)."""
-        from .net import port
-
-        lease = port.plan(self.workdir.root, c.id, network)
-        c.checkpoint.extra.update(tap=lease["tap"], mac=lease["mac"], ip=lease["ip"], bridge=lease["bridge"])
-        state.write(c.dir, c.checkpoint)
-        return port.network_config(lease)
-
-    def _release_network(self, c):
-        """Remove the container's tap, filter rules and rate limits, and free its lease.
-        Idempotent; a no-op for containers without a network."""
-        from .net import port
-
-        try:
-            port.release(self.workdir.root, c.id, c.checkpoint.extra.get("tap"))
-        except VmisoError as err:
-            log.warning("releasing the network of %s: %s", c.id, err)
-
-    def _undo_launch(self, c, created):
-        """Remove whatever a failed launch made: the domain ``created`` returned (None if it
-        made none), then the files, then the record. A domain of the same name that createXML
-        refused to replace is somebody else's and is never touched."""
-        # Stop listening first: the domain's stop event would otherwise conclude (and write a
-        # checkpoint into) the directory while it is being removed.
-        self.host.unwatch(c.domain)
-        self.host.unwatch_exit(c.domain)
-        with c.cond:
-            c.removed = True
-        try:
-            if created is not None:
-                self.host.destroy(created)
-        except VmisoError as err:
-            log.warning("undoing launch of %s: %s", c.id, err)
-        self._release_network(c)
-        self.workdir.remove_container_dir(c.id)
-        with self._lock:
-            self._containers.pop(c.id, None)
-
-    # --- events and conclusions -------------------------------------------------------------
-    def _on_lifecycle(self, c, event, detail):
-        if event == "stopped":
-            with c.cond:
-                c.stop_detail = detail
-            # Conclude off the event thread: it must never block on file I/O or locks.
-            threading.Thread(target=self._conclude, args=(c,), daemon=True).start()
-        elif event == "suspended":
-            c.paused = detail or "paused"
-            if detail == "ioerror":
-                # A disk error QEMU did not pass to the guest (an overlay's policy is "report",
-                # so this is a base or a VM of an older vmiso): it would stay paused forever.
-                log.warning("container %s: its VM was paused by a disk I/O error; stopping it", c.id)
-                threading.Thread(target=self._kill_quietly, args=(c.id, R_IO_ERROR), daemon=True).start()
-        elif event in ("resumed", "started"):
-            c.paused = None
-
-    def _on_exit(self, c):
-        """QEMU's process ended (virt/exits.py, before libvirt's teardown is done): if the guest
-        reported an exit status, record the termination now. Off the watcher's thread."""
-        threading.Thread(target=self._record_exit, args=(c,), name="vmiso-exit", daemon=True).start()
-
-    def _record_exit(self, c):
-        if c.foreign or c.termination is not None or c.removed:
-            return
-        c.timeline["vm:exited"] = time.monotonic()
-        # virtlogd copies QEMU's output asynchronously: give it a moment for the exit line.
-        exit_code = channel.wait_for_exit_code(c.path(STDOUT), c.checkpoint.nonce, EXIT_LINE_GRACE)
-        if exit_code is None:
-            return  # how it ended (crash, destroy, power-off) is libvirt's to say: its event decides
-        with c.cond:
-            if c.termination is None and not c.removed:
-                self._record(c, None, exit_code)
-
-    def _record(self, c, stop_detail, exit_code):
-        """First half of a conclusion (call with c.cond held): decide the termination, checkpoint
-        it with the cleanup still pending, wake wait() and output() followers."""
-        try:
-            on_disk = state.read(c.dir)  # another process may have asked for a kill or destroy
-            c.checkpoint.kill_reason = on_disk.kill_reason or c.checkpoint.kill_reason
-            c.checkpoint.remove_requested = on_disk.remove_requested or c.checkpoint.remove_requested
-        except state.CheckpointError:
-            pass
-        termination = decide_termination(c.checkpoint, stop_detail, exit_code)
-        c.checkpoint.phase = state.TERMINATED
-        c.checkpoint.termination = termination.to_dict()
-        c.checkpoint.cleanup_pending = True
-        try:
-            state.write(c.dir, c.checkpoint)
-        except OSError as err:
-            log.warning("cannot checkpoint termination of %s: %s", c.id, err)
-        if c.timer is not None:
-            c.timer.cancel()
-        c.termination = termination
-        c.timeline["vm:status"] = time.monotonic()
-        c.cond.notify_all()
-        for wakeup in c.wakeups:  # output() followers: finish now, not at their next idle check
-            wakeup.set()
-        faults.hit("conclude:recorded")
-        return termination
-
-    def _conclude(self, c):
-        """The domain is gone for libvirt: decide how the task ended (unless QEMU's exit told
-        already), record it, then free the VM's disk, seed, network and watches."""
-        if c.foreign:
-            return c.termination  # its own agent concludes it
-        with c.cond:
-            if c.removed or c.released:
-                return c.termination  # concluded already, or a failed launch being undone
-            c.timeline["vm:stopped"] = time.monotonic()
-            if c.termination is None:
-                if c.stop_detail is None:  # nobody heard the event: libvirt's log still tells
-                    c.stop_detail = self.host.stop_reason(c.domain, c.checkpoint.created_at)
-                # A guest that powered itself off has normally reported: wait a moment for virtlogd.
-                grace = EXIT_LINE_GRACE if c.stop_detail == "shutdown" else 0
-                exit_code = channel.wait_for_exit_code(c.path(STDOUT), c.checkpoint.nonce, grace)
-                self._record(c, c.stop_detail, exit_code)
-            self._release(c)
-            return c.termination
-
-    def _release(self, c):
-        """Second half of a conclusion (call with c.cond held, the domain gone): delete the
-        overlay, seed and kernel copy, release the network, stop watching; checkpoint that."""
-        for name in (OVERLAY, SEED, KERNEL, INITRD):
-            try:
-                os.unlink(c.path(name))
-            except FileNotFoundError:
-                pass
-        self._release_network(c)
-        if c.timer is not None:
-            c.timer.cancel()
-        self.host.unwatch(c.domain)
-        self.host.unwatch_exit(c.domain)
-        if c.checkpoint.cleanup_pending:
-            c.checkpoint.cleanup_pending = False
-            try:
-                # Not fsynced: a lost write only makes recover() repeat this idempotent cleanup.
-                state.write(c.dir, c.checkpoint, durable=False)
-            except OSError as err:
-                log.warning("cannot checkpoint the cleanup of %s: %s", c.id, err)
-        c.released = True
-        c.timeline["vm:concluded"] = time.monotonic()
-        c.cond.notify_all()
-
-    def _await_release(self, c):
-        """Block until the container's VM is gone for libvirt and released (its termination may
-        have been recorded before, when QEMU exited): removing its files during libvirt's
-        teardown makes libvirt log errors restoring their labels. Bounded: a teardown that
-        outlasts RELEASE_WAIT is cut short by a destroy, then the files go regardless."""
-        deadline = time.monotonic() + RELEASE_WAIT
-        while True:
-            with c.cond:
-                if c.released or c.foreign:
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                c.cond.wait(min(left, RELEASE_RECHECK))
-            self._reconcile(c)  # events are hints: libvirt may have finished without telling
-        dom = self.host.lookup(c.domain)
-        log.warning("container %s: libvirt still has its domain %.0f s after QEMU exited; destroying it",
-                    c.id, RELEASE_WAIT)
-        if dom is not None:
-            self.host.destroy(dom)
-        with c.cond:
-            if not c.released:
-                self._release(c)
-
-    def _reconcile(self, c):
-        """Events are hints: if libvirt no longer has the domain, conclude now."""
-        if not c.foreign and not c.released and not c.removed and self.host.lookup(c.domain) is None:
-            self._conclude(c)
-
-    def _reconcile_all(self):
-        """After a reconnect to libvirt: events may have been missed, ask libvirt again."""
-        with self._lock:
-            supervised = [c for c in self._containers.values() if not c.released]
-        for c in supervised:
-            try:
-                self._reconcile(c)
-            except VmisoError as err:
-                log.warning("reconciling %s after reconnect: %s", c.id, err)
-
-    def _arm_timer(self, c):
-        deadline = c.checkpoint.deadline
-        if deadline is None or c.termination is not None:
-            return
-        c.timer = threading.Timer(max(0.0, deadline - time.time()), self._kill_quietly, (c.id, R_TIMEOUT))
-        c.timer.daemon = True
-        c.timer.start()
-
-    def _kill_quietly(self, container_id, reason):
-        try:
-            self.kill(container_id, grace=TIMEOUT_GRACE, reason=reason)
-        except VmisoError as err:
-            log.warning("timeout kill of %s failed: %s", container_id, err)
+    def _stop(self, container_id, reason):
+        """The Supervisor's way to stop a task: at its deadline, or when a disk error paused it."""
+        self.kill(container_id, grace=TIMEOUT_GRACE, reason=reason)
 
     # --- the API ----------------------------------------------------------------------------
     def wait(self, container_id: str, timeout: Optional[float] = None) -> Termination:
         """Block until the container ends; return its Termination. Timeout if ``timeout`` passes."""
-        c = self._get(container_id, allow_ended=True)
-        if isinstance(c, Termination):
-            return c
+        validate_container_id(container_id)
+        termination = self.supervisor.ended(container_id)
+        if termination is not None:
+            return termination
+        c = self.supervisor.get(container_id)
         if c.foreign:
             return self._wait_foreign(c, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -527,7 +179,7 @@ class Isolator:
                 c.cond.wait(left)
                 if c.termination is not None:
                     return c.termination
-            self._reconcile(c)
+            self.supervisor.reconcile(c)
 
     def _wait_foreign(self, c, timeout):
         """wait() for another agent's container: its owner records the termination in the
@@ -553,7 +205,7 @@ class Isolator:
         for a VM without one), ``grace`` seconds for it to end, then destroy. Keeps the record
         (wait, status, logs still answer); returns the Termination. NotOwned for another
         agent's container."""
-        c = self._own(container_id)
+        c = self.supervisor.own(container_id)
         with c.op:
             if c.removed:
                 raise NotFound("container", container_id)
@@ -587,36 +239,22 @@ class Isolator:
         unknown or already destroyed id is no error. Returns the Termination (or None)."""
         validate_container_id(container_id)
         try:
-            c = self._own(container_id)
+            c = self.supervisor.own(container_id)
         except NotFound:
             if os.path.islink(self.workdir.container_dir(container_id)):
                 self.workdir.remove_container_dir(container_id)  # unlinks it; never its target
-            return self._ended.get(container_id)
+            return self.supervisor.ended(container_id)
         with c.op:
             if c.removed:
-                return self._ended.get(container_id)
+                return self.supervisor.ended(container_id)
             termination = self._kill_locked(c, grace, R_DESTROYED, remove=True)
-            self._await_release(c)
+            self.supervisor.await_release(c)
             faults.hit("destroy:cleanup")
-            self._remove(c, termination)
+            self.supervisor.remove(c, termination)
         return termination
 
-    def _remove(self, c, termination):
-        """The last step of destroy: forget the container and delete its directory."""
-        self._release_network(c)
-        self.workdir.remove_container_dir(c.id)
-        self.workdir.remove_log_dir(c.warm_slot)  # a warm VM's logs (paths.log_dir); after the record
-        self.host.remove_log(c.domain)
-        c.removed = True
-        with self._lock:
-            self._containers.pop(c.id, None)
-            self._ended[c.id] = termination
-            self._ended_timelines[c.id] = c.timeline
-            while len(self._ended_timelines) > ENDED_TIMELINES:
-                del self._ended_timelines[next(iter(self._ended_timelines))]
-
     def status(self, container_id: str) -> ContainerStatus:
-        c = self._get(container_id)
+        c = self.supervisor.get(container_id)
         cp = c.checkpoint
         if c.termination is not None:
             state_name = c.termination.state
@@ -651,7 +289,7 @@ class Isolator:
         """Yield ("stdout"|"stderr", bytes) as the task writes them, until it has ended and
         everything is read (``follow=False``: only what is there now). The exit line is not part
         of the output."""
-        c = self._get(container_id)
+        c = self.supervisor.get(container_id)
         names = ("stdout", "stderr")
         exit_filter = channel.ExitLineFilter(c.checkpoint.nonce)
         if c.foreign:  # its owner records the end; a removed directory is an end too
@@ -680,25 +318,26 @@ class Isolator:
 
     def console_log(self, container_id: str) -> str:
         """The path of the container's boot console log."""
-        return self._get(container_id).path(CONSOLE_LOG)
+        return self.supervisor.get(container_id).path(CONSOLE_LOG)
 
     # --- usage and live limits (vmiso/accounting/) -------------------------------------------
     @property
-    def _accounting(self):
-        with self._lock:
-            if "_accounting_" not in self.__dict__:
-                self._accounting_ = accounting.Accounting(self)
-            return self._accounting_
+    def accounting(self) -> accounting.Accounting:
+        """The usage reader and live limits (accounting/live.py), made at first use."""
+        with self._accounting_lock:
+            if self._accounting is None:
+                self._accounting = accounting.Accounting(self)
+            return self._accounting
 
     def usage(self, container_id: str) -> ResourceStatistics:
         """ResourceStatistics of a running container (StatsError if its VM is gone)."""
-        return self._accounting.usage(container_id)
+        return self.accounting.usage(container_id)
 
     def usage_all(self, errors: Optional[dict[str, StatsError]] = None) -> dict[str, ResourceStatistics]:
         """{id: ResourceStatistics} of every running container this Isolator supervises (recover()
         adopts the others), in one batch read. A VM that could not be read is left out; pass a
         dict as ``errors`` to get {id: StatsError} of those."""
-        return self._accounting.usage_all(errors)
+        return self.accounting.usage_all(errors)
 
     def update(self, container_id: str, resources: Resources, disk: Optional[DiskLimits] = None,
                inbound: Optional[RateLimit] = None, outbound: Optional[RateLimit] = None) -> None:
@@ -707,38 +346,7 @@ class Isolator:
         was launched with) with the cgroup's hard limit following it, QEMU's overhead included;
         ``disk`` (accounting.limits.DiskLimits) throttles its disk, ``inbound``/``outbound``
         (spec.RateLimit) its network. ``resources.disk_gib`` cannot change live and is ignored."""
-        return self._accounting.update(container_id, resources, disk=disk, inbound=inbound, outbound=outbound)
-
-    # --- adoption ---------------------------------------------------------------------------
-    def _get(self, container_id, allow_ended=False):
-        """The container, supervised by this Isolator (adopted from its checkpoint if needed);
-        another agent's is read afresh each time and never supervised."""
-        validate_container_id(container_id)
-        with self._lock:
-            c = self._containers.get(container_id)
-            if c is not None:
-                return c
-            if allow_ended and container_id in self._ended:
-                return self._ended[container_id]
-            from .recovery import adopt
-
-            c = adopt(self, container_id)
-            if c.foreign:
-                return c
-            self._containers[container_id] = c
-        if c.termination is None:
-            self._reconcile(c)
-            self._arm_timer(c)
-        return c
-
-    def _own(self, container_id):
-        """_get(), for calls that change the container: NotOwned if another agent's."""
-        c = self._get(container_id)
-        if c.foreign:
-            raise NotOwned(container_id, c.owner, self.agent_id)
-        return c
-
-
+        return self.accounting.update(container_id, resources, disk=disk, inbound=inbound, outbound=outbound)
 
 
 def _local_uid(uid):
@@ -750,35 +358,6 @@ def _local_uid(uid):
     if qemu_gid() is None:
         raise InvalidSpec("uid", "this host has no QEMU user (libvirt-qemu or qemu) whose group a user's QEMU needs")
     return uid
-
-
-def _own_kernel(c, image):
-    """``image`` booting private copies of its kernel and initrd in the container's directory.
-    libvirt chowns a domain's kernel to the uid its QEMU runs as while it runs, and refuses a
-    second uid on a file in use: a shared kernel would be one user's file while their VM runs
-    and no other user's VM could start."""
-    import dataclasses
-    import shutil
-
-    if image.kernel is None:
-        return image
-    kernel = shutil.copyfile(image.kernel, c.path(KERNEL))
-    initrd = shutil.copyfile(image.initrd, c.path(INITRD)) if image.initrd else None
-    return dataclasses.replace(image, kernel=kernel, initrd=initrd)
-
-
-def _data_files(shares, spec):
-    """The seed's data-in files: which shares to mount where, and whether stdin is a port."""
-    return seed.data_files(volumes.seed_lines(shares),
-                           domain.STDIN_PORT_NAME if spec.stdin is not None else None)
-
-
-def _data_devices(c):
-    """domain.design()'s volumes and stdin socket, from what launch recorded in the checkpoint."""
-    extra = c.checkpoint.extra
-    shares = [volumes.Share.from_record(r) for r in extra.get("volumes", ())]
-    return {"filesystems": volumes.filesystems(shares),
-            "stdin_socket": c.path(STDIN_SOCKET) if extra.get("stdin") else None}
 
 
 def _recorded_termination(directory):

@@ -38,11 +38,13 @@ class RecoveryReport:
 
 
 def recover(iso, strict=False):
+    """Isolator.recover(): every container of this work dir, then orphan domains, stray network
+    leases and a dead pool's warm VMs."""
     report = RecoveryReport()
     for container_id in iso.workdir.container_ids():
         _recover_one(iso, container_id, strict, report)
-    _destroy_orphans(iso, report)
-    _release_stray_leases(iso, report)
+    _destroy_orphans(iso.supervisor, report)
+    _release_stray_leases(iso.supervisor, report)
     report.pool = iso.pool.recover()
     return report
 
@@ -50,7 +52,7 @@ def recover(iso, strict=False):
 def _recover_one(iso, container_id, strict, report):
     directory = str(iso.workdir.container_dir(container_id))
     try:
-        c = iso._get(container_id)
+        c = iso.supervisor.get(container_id)
     except NotFound:
         return
     except state.CheckpointError as err:
@@ -59,12 +61,12 @@ def _recover_one(iso, container_id, strict, report):
             return
         if strict:
             raise
-        owner = _live_owner(iso, container_id)
+        owner = _live_owner(iso.supervisor, container_id)
         if owner is not None and owner != iso.agent_id:
             report.foreign[container_id] = owner  # its own agent decides about its record
             return
         log.warning("container %s: %s; cleaning it up", container_id, err)
-        _clean_unreadable(iso, container_id)
+        _clean_unreadable(iso.supervisor, container_id)
         report.corrupt.append(container_id)
         return
     if c.foreign:
@@ -75,7 +77,7 @@ def _recover_one(iso, container_id, strict, report):
         # destroy() was interrupted: finish it (the kill, if needed, was finished by adoption).
         termination = iso.wait(container_id)
         with c.op:
-            iso._remove(c, termination)
+            iso.supervisor.remove(c, termination)
         report.destroyed.append(container_id)
     elif c.termination is not None:
         report.terminated[container_id] = c.termination
@@ -97,50 +99,50 @@ def _remove_temp_files(directory):
             pass
 
 
-def _same_workdir(iso, record):
+def _same_workdir(sup, record):
     """The domain was launched from this work dir (records from before vmiso kept the work dir
     in the metadata name none: they count as this one's, as they always did)."""
-    return record.get("workdir") in (None, str(iso.workdir.root))
+    return record.get("workdir") in (None, str(sup.workdir.root))
 
 
-def _ours(iso, record, container_id=None):
+def _ours(sup, record, container_id=None):
     """A domain's metadata record names this agent and this work dir (and ``container_id``):
     only then may recovery stop it. Libvirt's domains are host-wide; work dirs are not."""
-    return bool(record) and record.get("agent") == iso.agent_id and _same_workdir(iso, record) and \
+    return bool(record) and record.get("agent") == sup.agent_id and _same_workdir(sup, record) and \
         (container_id is None or record.get("container") == container_id)
 
 
-def _live_owner(iso, container_id):
+def _live_owner(sup, container_id):
     """The agent id in the metadata of a running domain of this work dir's ``container_id``."""
-    for _dom, metadata in iso.host.our_domains(domain_xml.METADATA_NS):
+    for _dom, metadata in sup.host.our_domains(domain_xml.METADATA_NS):
         record = domain_xml.parse_metadata(metadata)
-        if record and record.get("container") == container_id and _same_workdir(iso, record):
+        if record and record.get("container") == container_id and _same_workdir(sup, record):
             return record.get("agent")
     return None
 
 
-def _clean_unreadable(iso, container_id):
+def _clean_unreadable(sup, container_id):
     """No trustworthy record (and no other agent's VM runs it): stop the domain if it is
     provably ours, then remove the files."""
-    for dom, metadata in iso.host.our_domains(domain_xml.METADATA_NS):
+    for dom, metadata in sup.host.our_domains(domain_xml.METADATA_NS):
         record = domain_xml.parse_metadata(metadata)
-        if _ours(iso, record, container_id):
-            iso.host.destroy(dom)
-    iso.workdir.remove_container_dir(container_id)
+        if _ours(sup, record, container_id):
+            sup.host.destroy(dom)
+    sup.workdir.remove_container_dir(container_id)
 
 
-def _destroy_orphans(iso, report):
+def _destroy_orphans(sup, report):
     """Domains that carry this agent's metadata but have no record: a launch that crashed after
     createXML and before its directory survived, or a record removed by hand."""
-    known = set(iso.workdir.container_ids())
+    known = set(sup.workdir.container_ids())
     try:
-        domains = iso.host.our_domains(domain_xml.METADATA_NS)
+        domains = sup.host.our_domains(domain_xml.METADATA_NS)
     except VmisoError as err:
         log.warning("cannot list domains for orphans: %s", err)
         return
     for dom, metadata in domains:
         record = domain_xml.parse_metadata(metadata)
-        if not _ours(iso, record):
+        if not _ours(sup, record):
             continue  # not ours (or not provably ours): never touched, whatever its name
         if record.get("pool"):
             continue  # an unclaimed warm VM: the pool's recover() decides (vmiso/pool.py)
@@ -148,33 +150,34 @@ def _destroy_orphans(iso, report):
         if container_id in known:
             continue
         log.warning("destroying orphan domain of container %s", container_id)
-        iso.host.destroy(dom)
+        sup.host.destroy(dom)
         report.orphans.append(container_id)
 
 
-def _release_stray_leases(iso, report):
+def _release_stray_leases(sup, report):
     """A network lease (and its tap, filter chain, rate limits) whose container has no record
     any more: a crash between removing the record and releasing the network, or a corrupt
     checkpoint cleaned above. Leases are written before the tap exists, so this finds every tap."""
     from .net import ipam, port
 
-    store = ipam.Store(iso.workdir.root)
+    store = ipam.Store(sup.workdir.root)
     if not os.path.exists(store.path):
         return
-    known = set(iso.workdir.container_ids())
+    known = set(sup.workdir.container_ids())
     for container_id in store.leases():
         if container_id in known:
             continue
         try:
-            port.release(iso.workdir.root, container_id)
+            port.release(sup.workdir.root, container_id)
             report.leases.append(container_id)
         except VmisoError as err:
             log.warning("releasing the network of vanished container %s: %s", container_id, err)
 
 
-def adopt(iso, container_id):
-    """Load a container from its checkpoint and bring it under supervision."""
-    directory = str(iso.workdir.container_dir(container_id))
+def adopt(sup, container_id):
+    """Load a container from its checkpoint and bring it under supervision (``sup``: the
+    Supervisor, whose get() calls this for an id it has not seen)."""
+    directory = str(sup.workdir.container_dir(container_id))
     try:
         checkpoint = state.read(directory)
     except state.CheckpointError as err:
@@ -182,59 +185,58 @@ def adopt(iso, container_id):
             raise NotFound("container", container_id) from err  # a planted link is no container
         raise
     c = Container(container_id, directory, checkpoint)
-    c.foreign = checkpoint.agent_id != iso.agent_id
+    c.foreign = checkpoint.agent_id != sup.agent_id
     if checkpoint.termination is not None:
         c.termination = Termination.from_dict(checkpoint.termination)
         c.released = not checkpoint.cleanup_pending
         if not c.released and not c.foreign:
-            _finish_release(iso, c)
+            _finish_release(sup, c)
         return c
     if c.foreign:
         return c  # another agent's: read-only here, never looked up, watched or concluded
     if checkpoint.phase == state.LAUNCHING and launch_in_progress(directory):
         raise state.CheckpointError(f"container {container_id} is being launched by another process")
-    dom = _live_domain(iso, checkpoint)
+    dom = _live_domain(sup, checkpoint)
     if checkpoint.phase == state.LAUNCHING:
         # An interrupted launch is failed and cleaned, never resumed.
         if dom is not None:
-            iso.host.destroy(dom)
+            sup.host.destroy(dom)
         checkpoint.kill_reason = R_LAUNCH_FAILED
-        iso._conclude(c)
+        sup.conclude(c)
         return c
     if dom is None:
-        iso._conclude(c)
+        sup.conclude(c)
         return c
-    iso.host.watch(checkpoint.domain, lambda event, detail: iso._on_lifecycle(c, event, detail))
-    iso.host.watch_exit(checkpoint.domain, lambda: iso._on_exit(c))
+    sup.watch(c)
     if checkpoint.phase == state.DESTROYING:
         # An interrupted kill or destroy is finished, not forgotten.
-        iso.host.destroy(dom)
+        sup.host.destroy(dom)
     return c
 
 
-def _live_domain(iso, checkpoint):
+def _live_domain(sup, checkpoint):
     """The container's running domain, if libvirt has it and it is provably ours; else None."""
     if checkpoint.boot_id != state.boot_id():  # after a reboot no domain of ours can be alive
         return None
-    dom = iso.host.lookup(checkpoint.domain)
-    if dom is not None and not _owns(iso, dom, checkpoint):
+    dom = sup.host.lookup(checkpoint.domain)
+    if dom is not None and not _owns(sup, dom, checkpoint):
         return None  # somebody else's domain under our name: never touch it
     return dom
 
 
-def _finish_release(iso, c):
+def _finish_release(sup, c):
     """The termination was recorded when QEMU exited, and the process died before libvirt's
     teardown ended and the VM's files and network were released: release them once the domain
     is gone (now, or at its stopped event)."""
-    if _live_domain(iso, c.checkpoint) is not None:
-        iso.host.watch(c.domain, lambda event, detail: iso._on_lifecycle(c, event, detail))
-        if _live_domain(iso, c.checkpoint) is not None:
+    if _live_domain(sup, c.checkpoint) is not None:
+        sup.watch_lifecycle(c)
+        if _live_domain(sup, c.checkpoint) is not None:
             return  # its stopped event (or the next reconcile) releases it
     with c.cond:
         if not c.released:
-            iso._release(c)
+            sup.release(c)
 
 
-def _owns(iso, dom, checkpoint):
-    record = domain_xml.parse_metadata(iso.host.metadata(dom, domain_xml.METADATA_NS))
-    return _ours(iso, record, checkpoint.container_id)
+def _owns(sup, dom, checkpoint):
+    record = domain_xml.parse_metadata(sup.host.metadata(dom, domain_xml.METADATA_NS))
+    return _ours(sup, record, checkpoint.container_id)

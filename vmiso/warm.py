@@ -42,31 +42,35 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
                             warm=slot.id)
     c = Container(container_id, slot.dir, checkpoint)
     c.timeline.update({"launch:start": started, "launch:image": resolved})
-    with iso._lock:
-        if container_id in iso._containers or os.path.lexists(target):
-            iso.pool.release(slot)
-            raise AlreadyExists("container", container_id)
-        c.op.acquire()
-        iso._containers[container_id] = c
+    sup = iso.supervisor
+
+    def admit():
+        if os.path.lexists(target):
+            raise AlreadyExists("container", container_id)  # another process's container of that id
+
+    try:
+        sup.add(c, admit=admit)
+    except AlreadyExists:
+        iso.pool.release(slot)
+        raise
     step, lock_fd = "claim", None
     try:
         lock_fd = hold_launch_lock(slot.dir)
         state.write(slot.dir, checkpoint, durable=False)
         iso.host.set_metadata(slot.dom, domain.METADATA_NS, domain.METADATA_PREFIX,
-                              domain.metadata_xml(iso._ownership(c)))
-        iso._step(c, "launch:claim")
+                              domain.metadata_xml(sup.ownership(c)))
+        sup.step(c, "launch:claim")
         step = "dir"
         os.rename(slot.dir, target)  # the VM's files are the container's from here on
         c.dir = target
-        iso._step(c, "launch:dir")
+        sup.step(c, "launch:dir")
         step = "running"
-        iso.host.watch(c.domain, lambda event, detail: iso._on_lifecycle(c, event, detail))
-        iso.host.watch_exit(c.domain, lambda: iso._on_exit(c))
+        sup.watch(c)
         network_config = None
         if spec.network is not None:
             step = "network"
             network_config = _plug_network(iso, c, slot, spec.network)
-            iso._step(c, "launch:network")
+            sup.step(c, "launch:network")
             step = "running"
         files = seed.seed_files(instance_id=new_uuid(), hostname=guest_hostname(container_id),
                                 argv=task.argv, env=task.env, nonce=checkpoint.nonce,
@@ -76,7 +80,7 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
         iso.pool.send(slot, files)
         checkpoint.phase = state.RUNNING
         state.write(c.dir, checkpoint)
-        iso._step(c, "launch:running")
+        sup.step(c, "launch:running")
     except BaseException as err:
         _undo(iso, c, slot)
         if lock_fd is not None:
@@ -85,17 +89,17 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         raise LaunchFailed(container_id, step, err) from err
-    iso._launched(c, lock_fd)
+    sup.launched(c, lock_fd)
     return iso.status(container_id)
 
 
 def _plug_network(iso, c, slot, network):
-    """The task's NIC, as a cold launch's (Isolator._plan_network, port.wire: the lease recorded
+    """The task's NIC, as a cold launch's (Supervisor.lease_network, port.wire: the lease recorded
     before the tap exists, filters and limits on the tap before the guest sees it), plugged into
     the running VM. Returns the network-config for the task's seed files."""
     from .net import port
 
-    network_config = iso._plan_network(c, network)
+    network_config = iso.supervisor.lease_network(c, network)
     port.wire(iso.workdir.root, c.checkpoint.extra, network)
     nic = domain.Interface(c.checkpoint.extra["tap"], c.checkpoint.extra["mac"], hotplug=True)
     iso.host.attach_device(slot.dom, domain.interface_xml(nic))
@@ -105,8 +109,7 @@ def _plug_network(iso, c, slot, network):
 def _undo(iso, c, slot):
     """A failed claim: the VM is destroyed (never returned to the pool: it may have seen part
     of this task), its directory removed wherever it is, the record forgotten."""
-    iso.host.unwatch(c.domain)
-    iso.host.unwatch_exit(c.domain)
+    iso.supervisor.unwatch(c)
     with c.cond:
         c.removed = True
     try:
@@ -114,8 +117,7 @@ def _undo(iso, c, slot):
     except VmisoError:
         pass
     iso.pool.release(slot)
-    iso._release_network(c)  # after the VM: the tap goes once nothing uses it
+    iso.supervisor.release_network(c)  # after the VM: the tap goes once nothing uses it
     if c.dir != slot.dir:
         iso.workdir.remove_container_dir(c.id)
-    with iso._lock:
-        iso._containers.pop(c.id, None)
+    iso.supervisor.forget(c)

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vmiso import Isolator, LaunchFailed, PoolConfig, TaskSpec, isolator
+from vmiso import Isolator, LaunchFailed, PoolConfig, TaskSpec, supervisor
 from vmiso.net import api, filter, ipam
 from vmiso.spec import NetworkSpec
 from vmiso.testing.fakehost import FakeHost
@@ -41,8 +41,8 @@ def wd():
 
 @pytest.fixture
 def warm(ns, wd, base, monkeypatch):
-    monkeypatch.setattr(isolator, "EXIT_LINE_GRACE", 0.05)
-    monkeypatch.setattr(isolator, "RELEASE_RECHECK", 0.05)
+    monkeypatch.setattr(supervisor, "EXIT_LINE_GRACE", 0.05)
+    monkeypatch.setattr(supervisor, "RELEASE_RECHECK", 0.05)
     api.create_bridge(wd, "br0", address="10.91.0.1/24")
     host = FakeHost()
     iso = Isolator(workdir=str(wd), accel="tcg", agent_id="agent-fake", host=host,
@@ -73,7 +73,7 @@ def test_the_nic_is_leased_wired_and_plugged_at_claim(warm):
     dom = host.domains[status.domain]
     (plugged,) = dom.attached
     nic = ET.fromstring(plugged)
-    tap = iso._get("c1").checkpoint.extra["tap"]
+    tap = iso.supervisor.get("c1").checkpoint.extra["tap"]
     assert nic.get("type") == "ethernet" and nic.find("mac").get("address") == status.mac
     assert nic.find("target").attrib == {"dev": tap, "managed": "no"}
     assert nic.find("address").get("bus") == "0x01" and nic.find("rom").get("enabled") == "no"

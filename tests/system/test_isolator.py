@@ -24,7 +24,7 @@ def test_launch_wait_destroy(iso, cid):
     assert iso.status(cid).state == "FAILED"
     # The status is known when QEMU exits; the VM's disk is freed once libvirt has torn the VM
     # down, without a destroy; the record stays until destroy.
-    iso._await_release(iso._get(cid))
+    iso.supervisor.await_release(iso.supervisor.get(cid))
     directory = os.path.join(iso.workdir.containers, cid)
     assert sorted(os.listdir(directory)) == ["checkpoint.json", "console.log", "stderr", "stdout"]
     assert iso.destroy(cid) == termination

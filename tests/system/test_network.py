@@ -83,8 +83,8 @@ def _ping_and_spoof(iso, cid, bridge, prefix, ns):
         "echo spoof-done; sleep 60")
     a = _launch(iso, cid, script, bridge)
     assert a.ip != b.ip and a.mac != b.mac
-    tap_a = iso._get(cid).checkpoint.extra["tap"]
-    tap_b = iso._get(cid + "b").checkpoint.extra["tap"]
+    tap_a = iso.supervisor.get(cid).checkpoint.extra["tap"]
+    tap_b = iso.supervisor.get(cid + "b").checkpoint.extra["tap"]
     try:
         out = _output_until(iso, cid, "spoof-done", timeout=80)
         if "reach-b" not in out and "reach-peer" not in out:

@@ -200,7 +200,7 @@ def _taps_of_running(iso):
     taps = set()
     for container_id in iso.workdir.container_ids():
         try:
-            taps.add(iso._get(container_id).checkpoint.extra.get("tap"))
+            taps.add(iso.supervisor.get(container_id).checkpoint.extra.get("tap"))
         except Exception:
             continue
     return taps

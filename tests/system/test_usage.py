@@ -125,7 +125,7 @@ def test_net_counters_are_the_guests_view(iso, cid):
         iso.launch(cid, TaskSpec.shell(f"head -c {payload} /dev/zero | nc -w 5 10.231.7.1 {sink.getsockname()[1]}; "
                                        "sleep 600", network=NetworkSpec(bridge=bridge)))
         try:
-            tap = iso._get(cid).checkpoint.extra.get("tap")
+            tap = iso.supervisor.get(cid).checkpoint.extra.get("tap")
             if not tap:
                 pytest.skip("the launch recorded no tap (checkpoint.extra['tap'])")
             deadline = time.monotonic() + 30

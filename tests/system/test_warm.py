@@ -142,7 +142,7 @@ def test_a_warm_task_with_a_network_reaches_its_peer_by_its_lease_and_cannot_spo
         status = iso.launch(cid, TaskSpec.shell(script, network=NetworkSpec(bridge)))
         assert status.domain.startswith("vmiso-pool-")  # warm, not a cold boot
         assert status.ip.startswith(prefix) and int(status.mac[:2], 16) & 3 == 2
-        tap = iso._get(cid).checkpoint.extra["tap"]
+        tap = iso.supervisor.get(cid).checkpoint.extra["tap"]
         out = b""
         for name, data in iso.output(cid):
             out += data if name == "stdout" else b""

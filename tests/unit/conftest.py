@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from vmiso import isolator
+from vmiso import supervisor
 from vmiso.testing.fakehost import FakeHost
 
 
@@ -25,5 +25,14 @@ def fast_conclusion(monkeypatch):
     """A VM that powers off without an exit line is given EXIT_LINE_GRACE for virtlogd's last
     bytes, and a pending release is re-checked every RELEASE_RECHECK: the fake has no virtlogd
     lagging behind and no teardown to wait for."""
-    monkeypatch.setattr(isolator, "EXIT_LINE_GRACE", 0.05)
-    monkeypatch.setattr(isolator, "RELEASE_RECHECK", 0.05)
+    monkeypatch.setattr(supervisor, "EXIT_LINE_GRACE", 0.05)
+    monkeypatch.setattr(supervisor, "RELEASE_RECHECK", 0.05)
+
+
+@pytest.fixture(autouse=True)
+def host_cache(tmp_path_factory, monkeypatch):
+    """A host cache of the test's own ($VMISO_CACHE_DIR, also for the CLI it starts): gc must
+    never see, let alone remove, the real host's kernels."""
+    cache = tmp_path_factory.mktemp("host-cache")
+    monkeypatch.setenv("VMISO_CACHE_DIR", str(cache))
+    return cache

@@ -88,7 +88,7 @@ def test_update_makes_the_next_usage_reread_the_limits(monkeypatch, fail):
     c = SimpleNamespace(id="c1", domain="vmiso-c1", termination=None, dir="/nonexistent", cond=threading.Lock(),
                         checkpoint=SimpleNamespace(accel="kvm", extra={"limits": limits_record(Resources(cpus=2))}))
     host = FakeHost(fail)
-    isolator = SimpleNamespace(host=host, _get=lambda cid: c, _own=lambda cid: c)
+    isolator = SimpleNamespace(host=host, supervisor=SimpleNamespace(get=lambda cid: c, own=lambda cid: c))
     accounting = Accounting(isolator, collector=FakeCollector())
     accounting._targets["c1"] = "the target with the old cpus"
     monkeypatch.setattr(live.state, "write", lambda directory, checkpoint: None)

@@ -34,7 +34,7 @@ def test_the_status_is_known_when_qemu_exits_and_the_cleanup_follows_libvirt(tmp
     assert list(iso.output("c1")) == []  # a follower ends at once (the exit line is no output)
     host.stop("vmiso-c1", "shutdown")
     assert iso.wait("c1") == t
-    iso._await_release(iso._get("c1"))
+    iso.supervisor.await_release(iso.supervisor.get("c1"))
     assert "overlay.qcow2" not in files(iso, "c1") and "seed.iso" not in files(iso, "c1")
     assert not state.read(str(iso.workdir.container_dir("c1"))).cleanup_pending
 
@@ -101,7 +101,7 @@ def test_a_crash_between_the_halves_leaves_work_recover_completes(tmp_path, host
     if not gone_before_recover:
         assert "overlay.qcow2" in files(again, "c1")  # libvirt still has the domain
         host.stop("vmiso-c1", "shutdown")
-    again._await_release(again._get("c1"))
+    again.supervisor.await_release(again.supervisor.get("c1"))
     assert "overlay.qcow2" not in files(again, "c1")
     assert not state.read(str(again.workdir.container_dir("c1"))).cleanup_pending
     assert again.destroy("c1").exit_code == 3 and not os.path.exists(again.workdir.container_dir("c1"))

@@ -31,21 +31,25 @@ def test_decide_termination(kill_reason, stop_detail, exit_code, expected):
     assert (t.state, t.reason, t.exit_code) == expected and t.message
 
 
-def test_a_vm_paused_by_a_disk_error_is_reported_and_stopped(tmp_path, monkeypatch):
-    """libvirt's "suspended/ioerror" event: status says PAUSED, and the VM is stopped with
-    reason io-error (a VM paused on ENOSPC would otherwise wait forever)."""
+def test_a_vm_paused_by_a_disk_error_is_reported_and_stopped(tmp_path):
+    """libvirt's "suspended/ioerror" event: the container is marked paused (status says
+    PAUSED), and the Supervisor asks for it to be stopped with reason io-error (a VM paused on
+    ENOSPC would otherwise wait forever)."""
     from vmiso.container import Container
-    from vmiso.isolator import Isolator
+    from vmiso.paths import Workdir
+    from vmiso.supervisor import Supervisor
+    from vmiso.testing.fakehost import FakeHost
 
-    iso = Isolator(workdir=str(tmp_path), accel="tcg")
-    c = Container("c1", str(tmp_path), checkpoint())
+    host = FakeHost()
     killed = []
-    monkeypatch.setattr(iso, "kill", lambda cid, grace, reason: killed.append((cid, reason)))
-    iso._on_lifecycle(c, "suspended", "paused")
+    sup = Supervisor(host, Workdir(tmp_path), "vmiso", stop=lambda cid, reason: killed.append((cid, reason)))
+    c = Container("c1", str(tmp_path), checkpoint())
+    sup.watch_lifecycle(c)
+    host.suspend(c.domain, "paused")
     assert c.paused == "paused" and killed == []  # paused by someone: only reported
-    iso._on_lifecycle(c, "resumed", None)
+    host.resume(c.domain)
     assert c.paused is None
-    iso._on_lifecycle(c, "suspended", "ioerror")
+    host.suspend(c.domain, "ioerror")
     for _ in range(100):
         if killed:
             break

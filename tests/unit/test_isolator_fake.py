@@ -245,3 +245,40 @@ def test_same_agent_id_in_another_work_dir_is_not_an_orphan(tmp_path, host, base
     report = b.recover()
     assert report.orphans == ["legacy"]  # no work dir recorded: as before, this agent's orphan
     assert "vmiso-c1" in host.domains and a.recover().running == ["c1"]
+
+
+def test_a_launch_refused_for_disk_space_or_a_taken_id_leaves_the_id_free(iso, host, base):
+    """Admission runs in the Supervisor's table lock (two launches cannot both take the last
+    free space); a refusal, or a directory another process made for the id, leaves nothing
+    supervised: the id launches later, and kill/destroy of it are not blocked."""
+    from vmiso import AlreadyExists, NoDiskSpace
+
+    from vmiso.admission import Policy
+
+    policy = iso.disk_policy
+    iso.disk_policy = Policy(reserve=2**62)
+    with pytest.raises(NoDiskSpace):
+        iso.launch("c1", spec(base))
+    assert not iso.supervisor.supervises("c1") and host.domains == {}
+    iso.disk_policy = policy
+    os.makedirs(iso.workdir.container_dir("c2"))  # another process's container of that id
+    with pytest.raises(AlreadyExists):
+        iso.launch("c2", spec(base))
+    assert not iso.supervisor.supervises("c2") and host.domains == {}
+    assert iso.launch("c1", spec(base)).state == "RUNNING"
+    with pytest.raises(AlreadyExists):
+        iso.launch("c1", spec(base))  # supervised here already
+    assert iso.destroy("c1", grace=0).reason == "destroyed"
+
+
+def test_the_supervisor_answers_for_a_destroyed_container(iso, host, base):
+    """After destroy() the record is gone, yet wait(), timeline() and a second destroy() answer
+    from what the Supervisor kept; a new launch of the id is a new container."""
+    iso.launch("c1", spec(base))
+    host.guest_exits("vmiso-c1", 0)
+    t = iso.destroy("c1")
+    assert (t.state, t.exit_code) == ("FINISHED", 0)
+    assert iso.supervisor.ended("c1") == t and iso.wait("c1") == t and iso.destroy("c1") == t
+    assert "launch:running" in iso.timeline("c1") and "vm:concluded" in iso.timeline("c1")
+    iso.launch("c1", spec(base))
+    assert iso.supervisor.ended("c1") is None and iso.status("c1").state == "RUNNING"

@@ -36,7 +36,9 @@ class Accounting:
         self._lock = threading.Lock()
         self._targets = {}  # container id -> Target
 
-    def _target(self, c):
+    def target(self, c):
+        """What the usage reader needs of container ``c`` (QEMU's pid, overlay, tap, limits);
+        kept until its VM fails a read. StatsError if its VM is not running."""
         target = self._targets.get(c.id)
         if target is not None:
             return target
@@ -54,17 +56,13 @@ class Accounting:
         self._targets[c.id] = target
         return target
 
-    def _running(self):
-        with self.iso._lock:
-            return [c for c in self.iso._containers.values() if c.termination is None]
-
     def read(self, containers, prune):
         """({id: ResourceStatistics}, {id: StatsError}) for ``containers``."""
         with self._lock:
             targets, errors = [], {}
             for c in containers:
                 try:
-                    targets.append(self._target(c))
+                    targets.append(self.target(c))
                 except StatsError as err:
                     errors[c.id] = err
             if prune:
@@ -77,7 +75,7 @@ class Accounting:
             return stats, errors
 
     def usage(self, container_id):
-        c = self.iso._get(container_id)
+        c = self.iso.supervisor.get(container_id)
         if c.termination is not None:
             raise StatsError(c.domain, "the container has ended")
         stats, errors = self.read([c], prune=False)
@@ -86,7 +84,7 @@ class Accounting:
         return stats[container_id]
 
     def usage_all(self, errors=None):
-        stats, failed = self.read(self._running(), prune=True)
+        stats, failed = self.read(self.iso.supervisor.running(), prune=True)
         if errors is not None:
             errors.update(failed)
         return stats
@@ -95,7 +93,7 @@ class Accounting:
     def update(self, container_id, resources, disk=None, inbound=None, outbound=None):
         if not isinstance(resources, Resources):
             raise InvalidSpec("resources", "must be a vmiso.Resources")
-        c = self.iso._own(container_id)
+        c = self.iso.supervisor.own(container_id)
         host = self.iso.host
         dom = host.lookup(c.domain) if c.termination is None else None
         if dom is None:

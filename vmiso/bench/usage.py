@@ -367,7 +367,7 @@ def run_generated(n, layout="hybrid", rounds=None):
 
 def run_live(iso, container_ids, rounds=50):
     """Medians (µs per VM) on running VMs: Cython, twin, psutil and libvirt getAllDomainStats."""
-    targets = [iso._accounting._target(iso._get(cid)) for cid in container_ids]
+    targets = [iso.accounting.target(iso.supervisor.get(cid)) for cid in container_ids]
     n = len(targets)
     result = {"live_vms": n}
     compiled = _fast.load("stats")
@@ -385,7 +385,7 @@ def run_live(iso, container_ids, rounds=50):
     poll = psutil_collector(targets, "/proc")
     poll()
     result["live_psutil_us_per_vm"] = _median_us(poll, rounds) / n
-    doms = [iso.host.lookup(iso._get(cid).domain) for cid in container_ids]
+    doms = [iso.host.lookup(iso.supervisor.get(cid).domain) for cid in container_ids]
     iso.host.all_stats(doms)
     result["libvirt_us_per_vm"] = _median_us(lambda: iso.host.all_stats(doms), rounds) / n
     return result

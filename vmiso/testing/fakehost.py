@@ -207,6 +207,13 @@ class FakeHost:
         if notify:
             self._emit(name, "stopped", detail)
 
+    def suspend(self, name, detail):
+        """libvirt pauses the domain (``detail``: "paused" by someone, "ioerror" by a disk error)."""
+        self._emit(name, "suspended", detail)
+
+    def resume(self, name):
+        self._emit(name, "resumed", None)
+
     def _emit(self, name, event, detail):
         with self._lock:
             fn = self._watchers.get(name)
