@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import secrets
 import shutil
 import time
@@ -133,11 +132,7 @@ def launch(iso, container_id: str, spec: TaskSpec, image: BootImage, task: Guest
         _undo(iso, c, created)
         if listener is not None:
             listener.close()
-        os.close(lock_fd)
-        c.op.release()
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise LaunchFailed(container_id, step, err) from err
+        sup.launch_failed(c, lock_fd, step, err)
     sup.launched(c, lock_fd)
     if listener is not None:
         stdin_channel.feed(listener, spec.stdin, c.timeline)

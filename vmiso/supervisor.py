@@ -11,13 +11,14 @@ accounting (accounting/live.py) call it through the methods below, never its fie
 Internal API, stable inside the package (not exported by ``vmiso``):
 
   look up    get(id), own(id), supervises(id), ended(id), ended_timeline(id), running(), disks_in_use()
-  launch     add(c), forget(c), step(c, name), ownership(c), launched(c, lock_fd),
+  launch     add(c), forget(c), step(c, name), ownership(c), launched(c, lock_fd), launch_failed(...),
              watch(c), watch_lifecycle(c), watch_exit(c), unwatch(c),
              lease_network(c, network), release_network(c), arm_timer(c)
   the end    conclude(c), release(c), await_release(c), remove(c, termination),
              reconcile(c), reconcile_all()
 
-Locks: the table has one lock (held briefly, never across a libvirt call); each container has
+Locks: the table has one re-entrant lock (held to look up, add or remove a container, and while
+an unseen one is adopted from its checkpoint, which may ask libvirt); each container has
 ``c.cond`` (its termination and release) and ``c.op`` (serialises launch, kill and destroy,
 taken by the callers). Events arrive on libvirt's thread and QEMU's exit on the exit watcher's:
 both hand the work to a thread of its own, so neither ever blocks on file I/O or a lock.
@@ -28,11 +29,11 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 from . import faults, state
 from .container import LAUNCH_LOCK, Container, decide_termination
-from .errors import AlreadyExists, NotOwned, VmisoError
+from .errors import AlreadyExists, LaunchFailed, NotOwned, VmisoError
 from .paths import INITRD, KERNEL, OVERLAY, SEED, STDOUT, Workdir
 from .spec import R_IO_ERROR, R_TIMEOUT, Termination, validate_container_id
 from .virt import channel
@@ -177,6 +178,16 @@ class Supervisor:
         os.close(lock_fd)
         c.op.release()
         self.arm_timer(c)
+
+    def launch_failed(self, c: Container, lock_fd: Optional[int], step: str, err: BaseException) -> NoReturn:
+        """A launch (cold or warm) failed at ``step`` and was undone: free its lock, let
+        kill/destroy in, raise LaunchFailed (an interrupt stays an interrupt)."""
+        if lock_fd is not None:
+            os.close(lock_fd)
+        c.op.release()
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise err
+        raise LaunchFailed(c.id, step, err) from err
 
     def lease_network(self, c: Container, network: NetworkSpec) -> dict:
         """Lease the container's address, MAC and tap name; record them in the checkpoint (the

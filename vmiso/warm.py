@@ -20,7 +20,7 @@ import time
 from . import state
 from .accounting import live as accounting
 from .container import Container, guest_hostname, hold_launch_lock, new_uuid
-from .errors import AlreadyExists, LaunchFailed, VmisoError
+from .errors import AlreadyExists, VmisoError
 from .image import seed
 from .spec import ContainerStatus
 from .virt import domain
@@ -83,12 +83,7 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
         sup.step(c, "launch:running")
     except BaseException as err:
         _undo(iso, c, slot)
-        if lock_fd is not None:
-            os.close(lock_fd)
-        c.op.release()
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise LaunchFailed(container_id, step, err) from err
+        sup.launch_failed(c, lock_fd, step, err)
     sup.launched(c, lock_fd)
     return iso.status(container_id)
 
