@@ -3,6 +3,7 @@
 Each leaves either the old state or the new one after a crash, never half of one.
 """
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -127,3 +128,34 @@ def remove_tree(path):
     os.rename(path, hidden)
     fsync_dir(path.parent)
     shutil.rmtree(hidden, ignore_errors=True)
+
+
+def move_into(old, new, temp_prefix=".rm-"):
+    """Move each entry of directory ``old`` (but hidden ones) that ``new`` lacks into ``new``: by
+    rename, or across file systems by a copy renamed into place (a crash leaves a hidden
+    ``temp_prefix`` entry in ``new``). Then remove ``old`` and what is left in it. Returns the
+    names moved; none when ``old`` is not there."""
+    old, new = Path(old), Path(new)
+    try:
+        names = sorted(n for n in os.listdir(old) if not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    moved = []
+    for name in names:
+        source, target = old / name, new / name
+        if os.path.lexists(target) or os.path.islink(source):
+            continue
+        try:
+            os.rename(source, target)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+            temp = new / f"{temp_prefix}{name}-{os.urandom(4).hex()}"
+            if os.path.isdir(source):
+                shutil.copytree(source, temp, symlinks=True)
+            else:
+                shutil.copy2(source, temp)
+            os.rename(temp, target)
+        moved.append(name)
+    remove_tree(old)
+    return moved

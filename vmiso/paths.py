@@ -1,7 +1,13 @@
-"""The work directory's layout, and safe creation and removal of per-container files.
+"""The work directory's and the host cache's layouts (every path into them is named here), and
+safe creation and removal of per-container files.
 
 <workdir>/                 0710 root:<qemu group>: QEMU (unprivileged) may pass, nobody else
-  images/                  bases (micro/<key>/, store/<sha256>)
+  images/                  bases: micro/ (micro builds, image/micro.py), store/ and names.json
+                           (stored bases and their names, image/store.py)
+  cache/                   what the work dir's own tools keep: oci/ (the layer cache,
+                           image/oci/cache.py), testimages/ (vmiso.testing.oci's layouts), bench/
+                           (the benches' scratch)
+  bench/                   the prototype baseline's task directories (bench/baseline.py)
   containers/              0700 root:root plus an ACL entry: QEMU's user may pass (x), and no
   containers/<id>/         group: other members of QEMU's group (kvm) may not. Inside: overlay.qcow2,
                            seed.iso, console.log, stdout, stderr, checkpoint.json, control.sock
@@ -15,10 +21,19 @@
                            whose directory is renamed live under a name that never changes; the
                            container's checkpoint names the slot (``warm``), see log_dir()
 
+<cache>/                   the host cache (HostCache): what does not depend on the work dir, shared
+                           by every work dir on the host; /var/cache/vmiso or $VMISO_CACHE_DIR
+  kernel/<key>/            lean kernels (image/lean.py), content-addressed
+  debs/                    downloaded and verified Debian packages (image/debs.py)
+  workdirs/<id>            the work dirs that built micro from this cache (a file holding the
+                           path): gc of one keeps the kernels another one's micro builds name
+
 Paths come only from validated container ids; nothing here follows a symlink.
 """
+import contextlib
 import errno
 import grp
+import hashlib
 import os
 import pwd
 import re
@@ -28,10 +43,13 @@ import struct
 import time
 from pathlib import Path
 
+from . import files
 from .errors import HostError
 from .spec import validate_container_id
 
 DEFAULT_WORKDIR = "/var/lib/vmiso"
+DEFAULT_CACHE_DIR = "/var/cache/vmiso"  # FHS: data kept to save time, that may be deleted
+CACHE_DIR_ENV = "VMISO_CACHE_DIR"
 QEMU_USERS = ("libvirt-qemu", "qemu")  # Debian's, then Fedora's and upstream's default
 _SLOT_ID = re.compile(r"[0-9a-f]{12}")  # a pool slot's id (vmiso/pool.py: secrets.token_hex(6))
 
@@ -177,7 +195,24 @@ class Workdir:
     def __init__(self, root=DEFAULT_WORKDIR):
         self.root = Path(root).absolute()
         self.images = self.root / "images"
+        self.micro_images = self.images / "micro"  # image/micro.py's builds
+        self.image_store = self.images / "store"   # image/store.py's bases
+        self.image_names = self.images / "names.json"
         self.containers = self.root / "containers"
+        self.cache = self.root / "cache"
+        self.oci_cache = self.cache / "oci"
+        self.test_images = self.cache / "testimages"
+        self.bench_cache = self.cache / "bench"
+        self.bench_tasks = self.root / "bench"
+        # Where lean kernels and Debian packages were kept before the host cache: build_micro
+        # moves what it finds there into the HostCache.
+        self.old_kernel_cache = self.cache / "kernel"
+        self.old_debs_cache = self.cache / "debs"
+
+    @classmethod
+    def of(cls, workdir):
+        """``workdir`` itself if it is a Workdir, else the Workdir at path ``workdir``."""
+        return workdir if isinstance(workdir, cls) else cls(workdir)
 
     def ensure(self):
         gid = qemu_gid()
@@ -235,6 +270,73 @@ class Workdir:
         except FileNotFoundError:
             return []
         return sorted(n for n in names if not n.startswith(".") and _valid(n))
+
+
+class HostCache:
+    """The host cache (see the module's docstring): by default ``$VMISO_CACHE_DIR`` or
+    /var/cache/vmiso. Cheap to make; ``ensure()`` creates what is missing."""
+
+    def __init__(self, root=None):
+        self.root = Path(root or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).absolute()
+        self.kernels = self.root / "kernel"
+        self.debs = self.root / "debs"
+        self.workdirs = self.root / "workdirs"
+
+    @classmethod
+    def of(cls, cache):
+        """``cache`` itself if it is a HostCache, else the HostCache at path ``cache`` (None: the
+        default one)."""
+        return cache if isinstance(cache, cls) else cls(cache)
+
+    def ensure(self):
+        """Create the cache's directories: 0755 root's (nothing in it is secret, and QEMU reads
+        none of it: micro builds copy their kernel), the work dir registry 0700."""
+        try:
+            for path, mode in ((self.root, 0o755), (self.kernels, 0o755), (self.debs, 0o755),
+                               (self.workdirs, 0o700)):
+                try:
+                    path.mkdir(mode=mode, parents=True)
+                    os.chmod(path, mode)  # whatever the umask
+                except FileExistsError:
+                    if not path.is_dir():
+                        raise HostError(f"{path} exists and is not a directory") from None
+        except PermissionError as err:
+            raise HostError(f"cannot set up the host cache {self.root}: {err} "
+                            f"(run as root, or set ${CACHE_DIR_ENV} to a directory of yours)") from err
+        return self
+
+    def _entry(self, workdir):
+        return self.workdirs / hashlib.sha256(str(Workdir.of(workdir).root).encode()).hexdigest()[:32]
+
+    def register(self, workdir):
+        """Record that ``workdir`` builds from this cache (see ``users()``)."""
+        entry, text = self._entry(workdir), f"{Workdir.of(workdir).root}\n"
+        try:
+            if entry.read_text() == text:
+                return
+        except OSError:
+            pass
+        files.write_atomic(entry, text.encode(), 0o600, durable=False)
+
+    def users(self):
+        """The registered work dirs (Workdir) that still exist; the entries of those that are
+        gone are dropped."""
+        try:
+            entries = [e for e in os.scandir(self.workdirs) if not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in sorted(entries, key=lambda e: e.name):
+            try:
+                path = Path(Path(entry.path).read_text().strip())
+            except OSError:
+                continue
+            if path.is_absolute() and path.is_dir():
+                found.append(Workdir(path))
+            elif path.is_absolute() and not path.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        return found
 
 
 def _remove_tree(path):

@@ -2,9 +2,10 @@
 object's keys, and every launch's marks positive and in the order a launch goes through them
 (no timing asserts)."""
 import json
-import os
 
 import pytest
+
+from vmiso.paths import Workdir
 
 from .conftest import vmiso_cli
 
@@ -47,7 +48,7 @@ def test_bench_launch_in_a_container_image(workdir):
     from vmiso.testing import oci
 
     image = "vmiso-test/busybox:1"
-    importer.import_path(workdir, f"{oci.busybox_image(os.path.join(workdir, 'cache', 'testimages'))}:1",
+    importer.import_path(workdir, f"{oci.busybox_image(Workdir(workdir).test_images)}:1",
                          names=[image])
     proc = vmiso_cli("bench", "launch", "-n", "2", "--json", "--image", image, timeout=600)
     assert proc.returncode == 0, proc.stderr

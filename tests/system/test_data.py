@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vmiso.paths import qemu_gid, qemu_uid
+from vmiso.paths import Workdir, qemu_gid, qemu_uid
 
 from .conftest import vmiso_cli
 
@@ -224,7 +224,7 @@ def busybox_image(workdir):
     from vmiso.testing import oci
 
     name = "vmiso-test/busybox:1"
-    layout = oci.busybox_image(os.path.join(workdir, "cache", "testimages"))
+    layout = oci.busybox_image(Workdir(workdir).test_images)
     importer.import_path(workdir, f"{layout}:1", names=[name])
     return name
 

@@ -15,13 +15,14 @@ import pytest
 
 from vmiso._proc import run
 from vmiso.image import lean, micro, seed
+from vmiso.paths import HostCache
 
 pytestmark = pytest.mark.system
 
 # Outside /tmp so a second session finds the build (and the downloaded packages) again.
 WORKDIR = Path(os.environ.get("VMISO_MICRO_TEST_WORKDIR", "/var/tmp/vmiso-test-micro"))
-# The lean kernel takes minutes to compile: share the main work dir's kernel cache.
-KERNEL_CACHE = Path(os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso")) / "cache" / "kernel"
+# The lean kernel takes minutes to compile: every work dir shares the host cache's.
+CACHE = HostCache()
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 BOOT_TIMEOUT = 60
 
@@ -48,7 +49,7 @@ class Boot:
 
 
 def build(kernel, progress=lambda message: None):
-    return micro.build_micro(WORKDIR, progress=progress, kernel=kernel, kernel_cache=KERNEL_CACHE)
+    return micro.build_micro(WORKDIR, progress=progress, kernel=kernel)
 
 
 @pytest.fixture(scope="module", params=micro.KERNELS)
@@ -136,7 +137,7 @@ def test_disk_is_isolated_per_overlay(image, tmp_path):
 
 
 def test_build_is_content_addressed_and_cached(image):
-    cache = WORKDIR / "cache" / "debs"
+    cache = CACHE.debs
 
     def snapshot():
         return sorted((e.name, e.stat().st_ino, e.stat().st_mtime_ns) for e in os.scandir(cache))
@@ -226,7 +227,7 @@ def test_lean_kernel_boots_the_root_itself_and_is_cached(tmp_path):
     assert release == image.kernel_version
     assert "root=/dev/vda" in cmdline and "rdinit" not in cmdline
     manifest = json.loads((image.kernel.parent / "manifest.json").read_text())
-    kept = KERNEL_CACHE / manifest["lean_kernel"]
+    kept = CACHE.kernels / manifest["lean_kernel"]
     assert lean.missing_options((kept / "config").read_text(), lean.fragment().decode()) == []
     # The image boots the cached kernel without its symbol table (QEMU would sort it at each start).
     def elf(option, path):

@@ -7,18 +7,18 @@ import pty
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from vmiso.image import store
 from vmiso.image.oci import cache, importer
+from vmiso.paths import Workdir
 from vmiso.testing import oci
 from vmiso.testing.oci import Entry, layer
 
 pytestmark = [pytest.mark.system, pytest.mark.oci]
 
-IMAGE_CACHE = Path(os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso")) / "cache" / "testimages"
+IMAGE_CACHE = Workdir(os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso")).test_images
 
 
 @pytest.fixture(scope="module")

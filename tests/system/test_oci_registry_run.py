@@ -5,18 +5,18 @@ Env and WorkingDir are what the task sees, the run's -e and -w override them, an
 pass through. The image is built once (``<workdir>/cache/testimages``); the pull's name is
 removed afterwards (the base stays while another name holds it)."""
 import json
-import os
 import re
 
 import pytest
 
+from vmiso.paths import Workdir
 from vmiso.testing import oci
 
 from .conftest import WORKDIR, vmiso_cli
 
 pytestmark = [pytest.mark.system, pytest.mark.oci, pytest.mark.slow]
 
-IMAGE_CACHE = os.path.join(WORKDIR, "cache", "testimages")
+IMAGE_CACHE = Workdir(WORKDIR).test_images
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,14 @@ import pytest
 from vmiso import TaskSpec
 from vmiso.image import store
 from vmiso.image.oci import importer
+from vmiso.paths import Workdir
 from vmiso.testing import oci
 
 from .conftest import vmiso_cli
 
 pytestmark = [pytest.mark.system, pytest.mark.oci]
 
-IMAGE_CACHE = os.path.join(os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso"), "cache", "testimages")
+IMAGE_CACHE = Workdir(os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso")).test_images
 BUSYBOX = "vmiso-test/busybox:1"
 
 

@@ -19,7 +19,7 @@ from vmiso._proc import run
 from vmiso.errors import ImageError, InUse, InvalidSpec, NotFound, UnsafeImage
 from vmiso.image import inuse, qcow2, store
 from vmiso.image.resolve import resolve
-from vmiso.paths import OVERLAY, Workdir
+from vmiso.paths import OVERLAY, HostCache, Workdir
 
 MIB = 1 << 20
 
@@ -439,27 +439,62 @@ def test_gc_collects_what_nothing_names_or_uses(work, base, tmp_path):
     assert store.gc(work) == []
 
 
-def test_gc_collects_lean_kernels_no_remaining_micro_build_was_made_from(work):
-    cur, old, stock = "b" * 64, "a" * 64, "e" * 64
-    k_cur, k_old, k_orphan, k_young = ("1" * 64, "2" * 64, "3" * 64, "4" * 64)
-    micro = _micro(work, (cur, old, stock), current=cur)
-    (micro / "current-stock").write_text(stock + "\n")
-    for key, kernel in ((cur, k_cur), (old, k_old), (stock, None)):
+def _builds(work, current, kernels):
+    """Micro builds {key: lean kernel key or None (stock)} in ``work``; ``current`` the default."""
+    micro = _micro(work, kernels, current=current)
+    for key, kernel in kernels.items():
         manifest = {"key": key, "kernel_file": "vmlinux", "kernel_version": "6.1", "virtual_size": MIB}
         if kernel:
             manifest["lean_kernel"] = kernel
         (micro / key / "manifest.json").write_text(json.dumps(manifest))
-    cache = work / "cache" / "kernel"
-    for kernel in (k_cur, k_old, k_orphan, k_young):
+    return micro
+
+
+def _kernels(*keys, young=()):
+    """Lean kernels in the (test's own) host cache, an hour old but ``young``."""
+    cache = HostCache().kernels
+    for kernel in (*keys, *young):
         (cache / kernel).mkdir(parents=True)
         (cache / kernel / "vmlinux").write_bytes(b"x" * 4096)
-        if kernel != k_young:  # a build in progress writes its kernel an instant before its image
+        if kernel not in young:  # a build in progress uses its kernel an instant before its image
             os.utime(cache / kernel, (time.time() - 7200,) * 2)
+    return cache
+
+
+def test_gc_collects_lean_kernels_no_remaining_micro_build_was_made_from(work):
+    cur, old, stock = "b" * 64, "a" * 64, "e" * 64
+    k_cur, k_old, k_orphan, k_young = ("1" * 64, "2" * 64, "3" * 64, "4" * 64)
+    micro = _builds(work, cur, {cur: k_cur, old: k_old, stock: None})
+    (micro / "current-stock").write_text(stock + "\n")
+    cache = _kernels(k_cur, k_old, k_orphan, young=(k_young,))
 
     found = {(c.kind, c.id) for c in store.gc(work)}
     assert found == {("micro", old), ("kernel", k_old), ("kernel", k_orphan)}
     assert sorted(p.name for p in cache.iterdir()) == sorted((k_cur, k_young))
     assert (micro / cur).exists() and (micro / stock).exists()
+
+
+def test_gc_keeps_the_kernels_another_work_dirs_micro_builds_name(work, tmp_path):
+    """The host cache serves every work dir: gc of one keeps what the builds of any other work
+    dir that built from it name; a registered work dir that is gone no longer counts."""
+    mine, theirs, gone = "1" * 64, "2" * 64, "3" * 64
+    _builds(work, "a" * 64, {"a" * 64: mine})
+    other, removed = tmp_path / "other", tmp_path / "removed"
+    _builds(other, "b" * 64, {"b" * 64: theirs})
+    _builds(removed, "c" * 64, {"c" * 64: gone})
+    host = HostCache().ensure()
+    for workdir in (work, other, removed):
+        host.register(workdir)
+    shutil.rmtree(removed)
+    cache = _kernels(mine, theirs, gone)
+
+    assert {(c.kind, c.id) for c in store.gc(work)} == {("kernel", gone)}
+    assert sorted(p.name for p in cache.iterdir()) == sorted((mine, theirs))
+    assert sorted(w.root for w in host.users()) == sorted((work, other))
+    # A build of the other work dir that cannot be read: every kernel stays.
+    (other / "images" / "micro" / ("b" * 64) / "manifest.json").write_text("{")
+    host.register(removed)  # and a registration of a work dir that is gone is forgotten
+    assert store.gc(work, dry_run=True) == [] and sorted(w.root for w in host.users()) == sorted((work, other))
 
 
 def test_gc_on_an_empty_work_directory(tmp_path):

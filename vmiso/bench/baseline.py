@@ -16,7 +16,7 @@ import uuid
 
 from .._proc import run as run_command
 from ..image import seed
-from ..paths import CONSOLE_LOG, STDERR, STDOUT, qemu_gid
+from ..paths import CONSOLE_LOG, STDERR, STDOUT, Workdir, qemu_gid
 from ..virt import domain
 from .marks import EXIT_LINE, MarkWatcher
 
@@ -31,7 +31,7 @@ MARKS = ("copy", "seed", "define", "started", "console", "userspace", "task_star
 def base_image(workdir, micro, progress=lambda _line: None):
     """The cached 1 GiB raw base for ``micro`` (a MicroImage), fully allocated so that a copy
     really copies a gigabyte, as a whole-disk copy of a real image does."""
-    cache = os.path.join(str(workdir), "cache", "bench")
+    cache = str(Workdir.of(workdir).bench_cache)
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"prototype-{micro.key[:16]}-1g.raw")
     if os.path.exists(path):
@@ -55,7 +55,7 @@ def base_image(workdir, micro, progress=lambda _line: None):
 
 
 def _task_dir(workdir, name):
-    parent = os.path.join(str(workdir), "bench")
+    parent = str(Workdir.of(workdir).bench_tasks)
     gid = qemu_gid()
     os.makedirs(parent, mode=0o710, exist_ok=True)
     path = os.path.join(parent, name)

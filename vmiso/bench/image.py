@@ -14,8 +14,8 @@
 
 Everything happens in a temporary work dir under ``<workdir>/cache/bench`` (QEMU's user can
 reach it there), removed afterwards: the operator's store, layer cache and containers are not
-touched. micro is built into it from the operator's caches of Debian packages and lean kernels,
-so nothing is compiled or downloaded again.
+touched. micro is built into it from the host cache of Debian packages and lean kernels
+(paths.HostCache), so nothing is compiled or downloaded again.
 """
 import os
 import shutil
@@ -44,14 +44,15 @@ def _imports(scratch, layout, repeat, note):
     (with the image stored) is returned for the launches."""
     from ..image import store
     from ..image.oci import importer
+    from ..paths import Workdir
 
     cold, warm, last, work = [], [], None, None
     for i in range(repeat):
         if work is not None:
-            shutil.rmtree(work)
-        work = Path(scratch) / f"work-{i}"
-        (work / "images").mkdir(parents=True)
-        (work / "containers").mkdir()
+            shutil.rmtree(work.root)
+        work = Workdir(Path(scratch) / f"work-{i}")
+        work.images.mkdir(parents=True)
+        work.containers.mkdir()
         note(f"import {i + 1}/{repeat}: cold")
         start = time.monotonic()
         first = importer.import_path(work, f"{layout}:12", names=[IMAGE])
@@ -72,7 +73,7 @@ def _imports(scratch, layout, repeat, note):
                   "layer_bytes": first.fetched_bytes, "tree_bytes": last.tree.get("bytes"),
                   "tree_entries": last.tree.get("entries"), "base_bytes": last.image.virtual_size},
     }
-    return result, work
+    return result, work.root
 
 
 def _summary(launches):
@@ -107,15 +108,14 @@ def run(workdir="/var/lib/vmiso", n=5, imports=1, mem_mib=256, uri=None, accel="
 
     note = progress or (lambda text: None)
     operator = Workdir(workdir)
-    caches = operator.root / "cache"
-    layout = oci.debian_python_image(caches / "testimages", progress=note)
-    (caches / "bench").mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="image-", dir=caches / "bench")
+    layout = oci.debian_python_image(operator.test_images, progress=note)
+    operator.bench_cache.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="image-", dir=operator.bench_cache)
     os.chmod(scratch, 0o755)  # QEMU's user passes through it to the temporary work dir
     try:
         result, work = _imports(scratch, layout, imports, note)
         note("building micro into the temporary work dir")
-        micro.build_micro(work, progress=note, kernel_cache=caches / "kernel", debs_cache=caches / "debs")
+        micro.build_micro(work, progress=note)
         iso = Isolator(workdir=work, agent_id="vmiso-bench", **({"uri": uri} if uri else {}), accel=accel)
         try:
             iso.host.conn()

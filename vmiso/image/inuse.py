@@ -7,11 +7,10 @@ whose checkpoint is unreadable still protects its base). Files are compared by i
 """
 import contextlib
 import os
-from pathlib import Path
 
 from .. import state
 from ..errors import ImageError
-from ..paths import OVERLAY
+from ..paths import OVERLAY, Workdir
 from . import qcow2
 
 
@@ -31,7 +30,7 @@ def bases_of(directory):
 
 def users(root):
     """{(st_dev, st_ino) of a base: {container ids}} for every base a live container uses."""
-    containers = Path(root) / "containers"
+    containers = Workdir.of(root).containers
     try:
         ids = [e.name for e in os.scandir(containers) if not e.name.startswith(".")]
     except FileNotFoundError:

@@ -3,17 +3,26 @@ with ``make tinyconfig`` plus vmiso's fragment (image/guest/lean-kernel.config):
 devices, ext4, iso9660 and the network built in, no modules, no initramfs needed, and nothing a
 task VM never touches (input, VT, RTC, sound, USB, graphics).
 
-Compiling takes minutes (about 6 on 2 cores) and happens once: the result is cached by content,
-key = sha256 over the source .deb, the fragment, vmiso's patches, BUILDER_VERSION and the
-compiler's version::
+Compiling takes minutes (about 6 on 2 cores) and happens once per host: the result is cached by
+content in the host cache's ``kernel/`` (paths.HostCache, default /var/cache/vmiso/kernel, shared
+by every work dir), key = sha256 over the source .deb, the fragment, vmiso's patches,
+BUILDER_VERSION and the compiler's version::
 
-  <cache>/<key>/vmlinux            the kernel: an ELF with a PVH entry (QEMU boots it directly)
-  <cache>/<key>/config             its complete .config
-  <cache>/<key>/manifest.json      key, release (the guest's uname -r), source, compiler
-  <cache>/.build-*                 a build in progress (source tree, objects; removed after)
+  <key>/vmlinux            the kernel: an ELF with a PVH entry (a micro build boots a stripped copy)
+  <key>/config             its complete .config
+  <key>/manifest.json      key, release (the guest's uname -r), source, compiler
+  .build-*                 a build in progress (source tree, objects; removed after)
+  .build.lock              held by a compile, and while kernels move in (adopt)
+
+A kernel's directory mtime is when a build last used it. gc (``collectable``) removes a kernel
+that no micro build names, of this work dir or of any other work dir that built from the cache
+(micro.kept_kernels), and that no build used within the last hour (one in progress may not have
+written its manifest yet). Micro builds hold a copy of their kernel, so a kernel removed by
+mistake costs a recompile, never a broken image.
 
 The stock Debian cloud kernel stays available (``vmiso image build-micro --kernel stock``).
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -25,10 +34,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .. import files
 from .._proc import run
 from ..errors import CommandFailed, HostError, ImageError
 from ..files import flocked
-from . import debs, pvh
+from . import debs, garbage, pvh
 
 BUILDER_VERSION = "1"
 SOURCE_METAPACKAGE = "linux-source"
@@ -110,6 +120,15 @@ def _load(directory):
     return LeanKernel(manifest["key"], vmlinux, manifest["release"]) if vmlinux.is_file() else None
 
 
+def _use(directory):
+    """The kernel in ``directory`` (None if there is none), marked as used now (see collectable)."""
+    found = _load(directory)
+    if found is not None:
+        with contextlib.suppress(OSError):
+            os.utime(directory)
+    return found
+
+
 def build_lean_kernel(debs_cache, kernel_cache, progress=print):
     """The cached lean kernel for the current ``linux-source``, compiled first if needed."""
     kernel_cache = Path(kernel_cache)
@@ -120,11 +139,11 @@ def build_lean_kernel(debs_cache, kernel_cache, progress=print):
     source_sha = record.get("SHA256") or debs.fetch(record, debs_cache, progress)[1]
     key = kernel_key(source_sha, fragment(), _compiler())
     final = kernel_cache / key
-    found = _load(final)
+    found = _use(final)
     if found is not None:
         return found
     with flocked(kernel_cache / ".build.lock"):  # one compile at a time; the loser finds the result
-        found = _load(final)
+        found = _use(final)
         if found is not None:
             return found
         deb, fetched_sha = debs.fetch(record, debs_cache, progress)  # verified against apt's SHA256
@@ -141,6 +160,29 @@ def build_lean_kernel(debs_cache, kernel_cache, progress=print):
     if found is None:
         raise ImageError(final, "the new kernel build is incomplete")
     return found
+
+
+def adopt(old_cache, kernel_cache):
+    """Move the kernels of ``old_cache`` (a work dir's cache/kernel, from before the host cache)
+    that ``kernel_cache`` lacks into it, and remove ``old_cache``. Nothing is compiled."""
+    if not Path(old_cache).is_dir():
+        return []
+    with flocked(Path(kernel_cache) / ".build.lock"):
+        return files.move_into(old_cache, kernel_cache, temp_prefix=".build-")
+
+
+def collectable(kernel_cache, kept, min_age=garbage.STALE_SECONDS):
+    """The kernels in ``kernel_cache`` whose key is not in ``kept`` (micro.kept_kernels: those
+    micro builds name; None: keep every one) and that no build used for ``min_age`` seconds:
+    Collected records."""
+    if kept is None:
+        return []
+    try:
+        kernels = garbage.keyed(kernel_cache)
+    except OSError:
+        return []
+    return [garbage.of_dir("kernel", e.path) for e in kernels
+            if e.name not in kept and time.time() - e.stat(follow_symlinks=False).st_mtime > min_age]
 
 
 def _sweep(kernel_cache):

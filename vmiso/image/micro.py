@@ -12,10 +12,15 @@ Built from Debian packages fetched with ``apt-get download`` without mounting an
 initramfs is a newc cpio written here, the root is ``mke2fs -d`` of a directory converted to
 qcow2. The build is content-addressed: key = sha256 over the kernel (its .deb, or the lean
 kernel's key), busybox's .deb, the guest scripts and the recipe, so it reruns only when one of
-them changes. Layout under the work directory::
+them changes. What does not depend on the work directory is in the host cache (paths.HostCache,
+default /var/cache/vmiso), shared by every work dir of the host::
 
-  cache/debs/*.deb                 downloaded packages (kept; verified against apt's SHA256)
-  cache/kernel/<key>/              lean kernels (lean.py)
+  <cache>/debs/*.deb               downloaded packages (kept; verified against apt's SHA256)
+  <cache>/kernel/<key>/            lean kernels (lean.py)
+  <cache>/workdirs/<id>            the work dirs that built micro from this cache (see kept_kernels)
+
+and the builds under the work directory::
+
   images/micro/<key>/              vmlinux, initrd.img (stock), root.qcow2, manifest.json (0444)
   images/micro/.build-*            a build in progress (renamed into place when complete)
   images/micro/current             the key the image name "micro" boots (text)
@@ -24,7 +29,16 @@ them changes. Layout under the work directory::
 The stock kernel is the bzImage's payload unpacked (pvh.py), or the bzImage where the payload's
 decompressor is missing. QEMU runs as another user (libvirt-qemu) and reads kernel, initrd and
 base directly, so everything from ``images/`` down is world-readable/traversable; the work
-directory itself only needs o+x.
+directory itself only needs o+x. The image's kernel is a copy (the lean one stripped, see
+_kernel_files): QEMU never reads the host cache.
+
+A work dir made before the host cache kept ``cache/debs`` and ``cache/kernel`` itself: its next
+build moves what they hold into the host cache (nothing is downloaded or compiled again).
+
+gc (store.gc) asks ``collectable`` for the builds it may remove (no current one, no live
+container's) and ``kept_kernels`` for the lean kernels the remaining builds were made from, of
+this work dir and of every other one that built from the host cache; lean.collectable keeps
+those.
 """
 import hashlib
 import json
@@ -39,9 +53,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from .. import files
 from .._proc import run
 from ..errors import ImageError, InvalidSpec
-from . import debs, execbin, lean, pvh
+from ..paths import HostCache, Workdir
+from . import debs, execbin, garbage, inuse, lean, pvh
 
 BUILDER_VERSION = "3"
 KERNELS = ("lean", "stock")  # what build_micro(kernel=...) takes; see the module's docstring
@@ -231,7 +247,7 @@ def _make_root_qcow2(root, scratch, out, key):
 # -- build and lookup ------------------------------------------------------------------------
 
 def _micro_dir(workdir):
-    return Path(workdir) / "images" / "micro"
+    return Workdir.of(workdir).micro_images
 
 
 def _image_from(directory, manifest):
@@ -287,18 +303,32 @@ def find_micro(workdir, kernel_flavour=None):
     return _load(micro / key)
 
 
+def is_root(workdir, path):
+    """Whether ``path`` is the root file system of one of ``workdir``'s micro builds."""
+    return any(inuse.same_file(path, r) for r in _micro_dir(workdir).glob("*/root.qcow2"))
+
+
 def _ensure_dirs(workdir):
-    """cache/debs and images/micro, the latter world-traversable for QEMU's user."""
-    cache = Path(workdir) / "cache" / "debs"
-    cache.mkdir(parents=True, exist_ok=True)
+    """images/micro, world-traversable for QEMU's user."""
     micro = _micro_dir(workdir)
     micro.mkdir(parents=True, exist_ok=True)
     for d in (micro.parent, micro):
         d.chmod(0o755)
-    return cache, micro
+    return micro
 
 
-def _sweep(micro, max_age=3600):
+def _ensure_cache(workdir, cache):
+    """The host cache, set up, with ``workdir`` registered and what the work dir kept in its
+    own cache before (cache/debs, cache/kernel) moved into it."""
+    cache = HostCache.of(cache).ensure()
+    cache.register(workdir)
+    old = Workdir.of(workdir)
+    files.move_into(old.old_debs_cache, cache.debs)
+    lean.adopt(old.old_kernel_cache, cache.kernels)
+    return cache
+
+
+def _sweep(micro, max_age=garbage.STALE_SECONDS):
     """Remove what a killed build left behind (an hour old: no build takes that long)."""
     for entry in os.scandir(micro):
         stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > max_age
@@ -386,26 +416,25 @@ def _install(micro, staged, key, replace):
     return final
 
 
-def build_micro(workdir, progress=print, force=False, kernel=DEFAULT_KERNEL, make_default=True,
-                kernel_cache=None, debs_cache=None):
+def build_micro(workdir, progress=print, force=False, kernel=DEFAULT_KERNEL, make_default=True, cache=None):
     """Build (or find) the micro image for the current Debian packages; return its MicroImage.
 
     ``kernel``: "lean" (compiled from linux-source once, see lean.py) or "stock" (Debian's cloud
     kernel and an initramfs). The image becomes the current one of its flavour and, with
-    ``make_default``, what the image name "micro" boots. ``kernel_cache``: where lean kernels
-    are kept (default ``<workdir>/cache/kernel``; one cache can serve several work dirs), and
-    ``debs_cache`` the Debian packages (default ``<workdir>/cache/debs``).
+    ``make_default``, what the image name "micro" boots. ``cache``: the host cache (a HostCache
+    or its path) that keeps lean kernels and Debian packages; default HostCache().
 
     Cheap when nothing changed: apt's lists say which package versions are current, the cached
     .deb files are hashed, and an existing image with that key is returned as it is.
     """
     check_kernel(kernel)
-    cache, micro = _ensure_dirs(workdir)
-    cache = Path(debs_cache) if debs_cache is not None else cache
-    debs_found = {name: debs.fetch(record, cache, progress) for name, record in _resolve(cache, kernel).items()}
+    host = _ensure_cache(workdir, cache)
+    micro = _ensure_dirs(workdir)
+    debs_found = {name: debs.fetch(record, host.debs, progress)
+                  for name, record in _resolve(host.debs, kernel).items()}
     built_kernel = None
     if kernel == "lean":
-        built_kernel = lean.build_lean_kernel(cache, kernel_cache or Path(workdir) / "cache" / "kernel", progress)
+        built_kernel = lean.build_lean_kernel(host.debs, host.kernels, progress)
         kernel_id = built_kernel.key
     else:
         kernel_id = debs_found["kernel"][1]
@@ -428,3 +457,52 @@ def build_micro(workdir, progress=print, force=False, kernel=DEFAULT_KERNEL, mak
     if make_default:
         _set_pointer(micro, "current", key)
     return image
+
+
+# -- gc --------------------------------------------------------------------------------------
+
+def _used(directory, used):
+    try:
+        return any(inuse.users_of(p, used) for p in directory.iterdir())
+    except OSError:
+        return True  # unreadable: keep it
+
+
+def collectable(workdir, used):
+    """What gc may remove of ``workdir``'s micro builds: the builds that are no current one
+    ("current", "current-<kernel>") and that no live container uses (``used``: inuse.users()),
+    and what killed removals left. Collected records; no build while none is current."""
+    micro = _micro_dir(workdir)
+    try:
+        current = {(micro / e.name).read_text().strip() for e in os.scandir(micro)
+                   if e.name == "current" or e.name.startswith("current-")}
+        keys = [e.name for e in garbage.keyed(micro)] if current else []
+    except OSError:
+        current, keys = set(), []
+    old = [key for key in keys if key not in current and not _used(micro / key, used)]
+    return [garbage.of_dir("micro", micro / key) for key in old] + garbage.partials(micro)
+
+
+def kept_kernels(workdir, dropping=(), cache=None):
+    """The keys of the lean kernels that micro builds were made from: ``workdir``'s builds but
+    those in ``dropping`` (keys gc removes now), and every build of the other work dirs that
+    built from the host ``cache`` (HostCache.users()). None when a build cannot be read: then
+    every kernel stays."""
+    this = Workdir.of(workdir)
+    others = [w for w in HostCache.of(cache).users() if w.root != this.root]
+    kept = set()
+    for micro, skip in [(this.micro_images, set(dropping))] + [(w.micro_images, set()) for w in others]:
+        try:
+            keys = [e.name for e in garbage.keyed(micro) if e.name not in skip]
+        except FileNotFoundError:
+            continue  # no builds there
+        except OSError:
+            return None
+        for key in keys:
+            try:
+                manifest = json.loads((micro / key / "manifest.json").read_text())
+            except (OSError, ValueError):
+                return None  # a build we cannot read: keep every kernel
+            if manifest.get("lean_kernel"):
+                kept.add(manifest["lean_kernel"])
+    return kept

@@ -39,12 +39,13 @@ from typing import Optional
 
 from .. import files
 from ..errors import ImageError, InUse, InvalidSpec, NotFound, UnsafeImage
-from ..paths import Workdir
-from . import inuse, qcow2
+from ..paths import HostCache, Workdir
+from . import garbage, inuse, lean, micro, qcow2
+from .garbage import Collected
 from .oci import reference
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-SHA_RE = re.compile(r"[0-9a-f]{64}")
+SHA_RE = garbage.KEY_RE
 MIN_PREFIX = 12  # hex digits of an id that name it (as long as they are unique)
 PREFIX_RE = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},64}}")
 RESERVED = ("micro",)
@@ -52,8 +53,6 @@ BOOTS = ("disk", "micro", "oci")
 META = "meta.json"
 OCI_CONFIG = "config.json"
 OCI_FILES = ("passwd", "group")  # the image's /etc/passwd and /etc/group, where it has them
-NAMES = "names.json"
-STALE_SECONDS = 3600  # no add takes that long: older .add-* / .rm-* are a killed process's
 CHUNK = 1 << 20
 PROGRESS_EVERY = 64 << 20
 _ZEROS = bytes(CHUNK)
@@ -94,14 +93,6 @@ class Added:
     previous: Optional[str]  # the sha256 the name pointed at before, if it moved
 
 
-@dataclass(frozen=True)
-class Collected:
-    kind: str  # "store", "micro", "kernel", "name" (dangling) or "partial" (a killed add's leftovers)
-    id: str
-    path: str
-    bytes: int
-
-
 # -- names -------------------------------------------------------------------------------------
 
 def _well_formed(name):
@@ -123,17 +114,17 @@ def validate_name(name):
 
 
 def _root(workdir):
-    """The work directory's path, from a Workdir or a path (whose own ``.root`` is "/")."""
-    return Path(workdir.root if isinstance(workdir, Workdir) else workdir).absolute()
+    """The work directory's path, from a Workdir or a path."""
+    return Workdir.of(workdir).root
 
 
 def _store(root):
-    return root / "images" / "store"
+    return Workdir(root).image_store
 
 
 def _read_names(root):
     """The names index {name: sha256}; entries that are not well formed are ignored."""
-    path = root / "images" / NAMES
+    path = Workdir(root).image_names
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -153,14 +144,14 @@ def _read_names(root):
 
 def _write_names(root, names):
     data = json.dumps({"version": 1, "names": dict(sorted(names.items()))}, indent=1) + "\n"
-    files.write_atomic(root / "images" / NAMES, data.encode(), 0o644)
+    files.write_atomic(Workdir(root).image_names, data.encode(), 0o644)
 
 
 # -- the store directory -----------------------------------------------------------------------
 
 def _ensure_store(root):
     """images/store, world-traversable (QEMU's user opens the bases in it)."""
-    if not (root / "images").is_dir():
+    if not Workdir(root).images.is_dir():
         Workdir(root).ensure()  # a fresh host: make the work directory as launch would
     store = _store(root)
     with contextlib.suppress(FileExistsError):
@@ -350,8 +341,7 @@ def _stage_oci(staged, base, fmt, image_id, config, source, oci, names):
 
 def _default_boot(root, source):
     """"micro" when ``source`` is the root file system of a micro build (the same file)."""
-    roots = (root / "images" / "micro").glob("*/root.qcow2")
-    return "micro" if any(inuse.same_file(source, r) for r in roots) else "disk"
+    return "micro" if micro.is_root(root, source) else "disk"
 
 
 def _set_boot(directory, boot):
@@ -519,89 +509,34 @@ def rm(workdir, ref):
         return dropped, image.sha256, True
 
 
-def _micro_garbage(root, used):
-    """Micro builds that are no current one ("current", "current-<kernel>") and no container uses."""
-    micro = root / "images" / "micro"
-    try:
-        current = {(micro / e.name).read_text().strip() for e in os.scandir(micro)
-                   if e.name == "current" or e.name.startswith("current-")}
-        keys = [e.name for e in os.scandir(micro) if SHA_RE.fullmatch(e.name) and e.is_dir()]
-    except OSError:
-        return []
-    if not current:
-        return []
-    found = []
-    for key in keys:
-        directory = micro / key
-        if key not in current and not _micro_used(directory, used):
-            found.append(Collected("micro", key, str(directory), files.disk_bytes(directory)))
-    return found
-
-
-def _kernel_garbage(root, micro_garbage, min_age=3600):
-    """Lean kernels (cache/kernel/<key>) that no micro build kept after this gc was made from.
-    Micro builds hold a copy of their kernel, so this only costs a recompile if one is needed
-    again; one younger than ``min_age`` may belong to a build still in progress and stays."""
-    cache = root / "cache" / "kernel"
-    dropped = {c.id for c in micro_garbage}
-    wanted = set()
-    try:
-        for entry in os.scandir(root / "images" / "micro"):
-            if SHA_RE.fullmatch(entry.name) and entry.name not in dropped:
-                try:
-                    manifest = json.loads(Path(entry.path, "manifest.json").read_text())
-                except (OSError, ValueError):
-                    return []  # a build we cannot read: keep every kernel
-                wanted.add(manifest.get("lean_kernel"))
-        kernels = [e for e in os.scandir(cache) if SHA_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return []
-    return [Collected("kernel", e.name, e.path, files.disk_bytes(e.path)) for e in kernels
-            if e.name not in wanted and time.time() - e.stat().st_mtime > min_age]
-
-
-def _micro_used(directory, used):
-    try:
-        return any(inuse.users_of(p, used) for p in directory.iterdir())
-    except OSError:
-        return True  # unreadable: keep it
-
-
-def _partial_garbage(directory):
-    """What killed adds and removals left in ``directory`` (older than STALE_SECONDS)."""
-    found = []
-    try:
-        entries = [*os.scandir(directory)]
-    except FileNotFoundError:
-        return found
-    for entry in entries:
-        if (entry.name.startswith((".add-", ".rm-")) and entry.is_dir(follow_symlinks=False)
-                and time.time() - files.newest_mtime(entry.path) > STALE_SECONDS):
-            found.append(Collected("partial", entry.name, entry.path, files.disk_bytes(entry.path)))
-    return found
-
-
-def gc(workdir, dry_run=False):
-    """Remove unnamed stored bases and old micro builds that no live container uses, lean kernels
-    no remaining micro build was made from, names that point at nothing, and what killed adds
-    left. Returns what was (or would be) removed."""
+def collectable(workdir, names, used):
+    """What gc may remove of the store: names that point at nothing, unnamed bases that no live
+    container uses (``used``: inuse.users()), what killed adds and removals left."""
     root = _root(workdir)
-    if not (root / "images").is_dir():
+    store = _store(root)
+    stored = set(_entries(store))
+    index = str(Workdir(root).image_names)
+    found = [Collected("name", n, index, 0) for n, sha in sorted(names.items()) if sha not in stored]
+    found += [garbage.of_dir("store", store / image.sha256) for image in list_images(root)
+              if not image.names and not inuse.users_of(image.path, used)]
+    return found + garbage.partials(store)
+
+
+def gc(workdir, dry_run=False, cache=None):
+    """Remove what each image component says is garbage: unnamed stored bases and old micro
+    builds that no live container uses, lean kernels of the host ``cache`` (a HostCache or its
+    path, default HostCache()) that no micro build of any work dir using it was made from, names
+    that point at nothing, and what killed adds left. Returns what was (or would be) removed."""
+    root = _root(workdir)
+    if not Workdir(root).images.is_dir():
         return []
     store = _ensure_store(root)
     with files.locked(store):
         names = _read_names(root)
         used = inuse.users(root)
-        stored = set(_entries(store))
-        index = str(root / "images" / NAMES)
-        found = [Collected("name", n, index, 0) for n, sha in sorted(names.items()) if sha not in stored]
-        for image in list_images(root):
-            if not image.names and not inuse.users_of(image.path, used):
-                found.append(Collected("store", image.sha256, str(store / image.sha256),
-                                       files.disk_bytes(store / image.sha256)))
-        micro = _micro_garbage(root, used)
-        found += micro + _kernel_garbage(root, micro)
-        found += _partial_garbage(store) + _partial_garbage(root / "images" / "micro")
+        builds = micro.collectable(root, used)
+        kept = micro.kept_kernels(root, {c.id for c in builds if c.kind == "micro"}, cache)
+        found = collectable(root, names, used) + builds + lean.collectable(HostCache.of(cache).kernels, kept)
         if not dry_run:
             _collect(root, names, found)
     return found

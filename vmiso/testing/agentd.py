@@ -15,16 +15,17 @@ import sys
 import tempfile
 import time
 
+from ..paths import Workdir
+
 START_TIMEOUT_S = 30
 
 
 def share_micro(built, workdir):
     """Make ``workdir`` boot the micro image already built in work dir ``built``: its images
     hard-linked (same file system: no copy), the pointers copied."""
-    src = os.path.join(built, "images", "micro")
-    dst = os.path.join(workdir, "images", "micro")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.chmod(os.path.dirname(dst), 0o755)
+    src, dst = Workdir(built).micro_images, Workdir(workdir).micro_images
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.parent.chmod(0o755)
     shutil.copytree(src, dst, copy_function=os.link, ignore=shutil.ignore_patterns(".build-*"), dirs_exist_ok=True)
 
 

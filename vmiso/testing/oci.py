@@ -226,12 +226,12 @@ def _closure(packages):
 
 def debian_python_image(cache, progress=print):
     """An OCI layout (tag ``12``) of a Debian 12 root with python3, dash and coreutils (one
-    layer) and an application layer (/app/job.py, an ``app`` user, Env, WorkingDir /app).
-    Packages come from apt's cache directory ``<cache>/debs``; its path."""
+    layer) and an application layer (/app/job.py, an ``app`` user, Env, WorkingDir /app), in
+    ``cache``; its path. Packages come from the host cache (paths.HostCache)."""
     from ..image import debs
+    from ..paths import HostCache
 
-    cache = Path(cache)
-    (cache / "debs").mkdir(parents=True, exist_ok=True)
+    packages = HostCache().ensure().debs
     names = _closure(DEBIAN_PACKAGES)
     records = debs.apt_records(names)
     key = "debian-python-" + hashlib.sha256(
@@ -241,7 +241,7 @@ def debian_python_image(cache, progress=print):
         root = out / "root"
         root.mkdir()
         for name in names:
-            deb, _ = debs.fetch(records[name], cache / "debs", progress)
+            deb, _ = debs.fetch(records[name], packages, progress)
             run(["dpkg-deb", "-x", deb, root], timeout=300)
         app = out / "app"
         (app / "etc").mkdir(parents=True)

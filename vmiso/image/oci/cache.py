@@ -1,6 +1,6 @@
 """The layer cache: one OCI image layout shared by every pull and import, blobs by digest.
 
-``<workdir>/cache/oci/layout`` is written by skopeo (transfer.py), which skips a blob the layout
+``<workdir>/cache/oci/layout`` (``cache_dir``) is written by skopeo (transfer.py), which skips a blob the layout
 holds already, so a second pull of the same or an overlapping image fetches only what is new.
 Each transfer runs in a ``session``: it holds the cache's lock (one transfer at a time, and no
 other process removes a blob while an import reads it), and when the import fails, whatever
@@ -14,13 +14,14 @@ from pathlib import Path
 
 from ... import files
 from ...errors import ImageError
+from ...paths import Workdir
 
 TAG = "vmiso-import"  # the one index entry skopeo rewrites on every transfer
 _TEMP_PREFIX = "oci-put-blob"  # what skopeo writes a blob to before renaming it into blobs/
 
 
 def cache_dir(root):
-    return Path(root) / "cache" / "oci"
+    return Workdir.of(root).oci_cache
 
 
 class Session:
