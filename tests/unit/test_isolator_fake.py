@@ -252,7 +252,6 @@ def test_a_launch_refused_for_disk_space_or_a_taken_id_leaves_the_id_free(iso, h
     free space); a refusal, or a directory another process made for the id, leaves nothing
     supervised: the id launches later, and kill/destroy of it are not blocked."""
     from vmiso import AlreadyExists, NoDiskSpace
-
     from vmiso.admission import Policy
 
     policy = iso.disk_policy
