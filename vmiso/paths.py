@@ -8,6 +8,12 @@ safe creation and removal of per-container files.
                            image/oci/cache.py), testimages/ (vmiso.testing.oci's layouts), bench/
                            (the benches' scratch)
   bench/                   the prototype baseline's task directories (bench/baseline.py)
+  net/                     bridge plans, address leases and their lock (net/ipam.py)
+  runs/<id>                a `vmiso run` process's record of its container, held locked (slurm.py)
+  agent-bindings/<id>      which Slurm job an agent's container belongs to (agent/bindings.py)
+  agent.json               the serving agent's socket and pid (agent/presence.py; the work dir
+                           itself is its flock)
+  pool.json                the warm pool's status, written by its owner (pool.py)
   containers/              0700 root:root plus an ACL entry: QEMU's user may pass (x), and no
   containers/<id>/         group: other members of QEMU's group (kvm) may not. Inside: overlay.qcow2,
                            seed.iso, console.log, stdout, stderr, checkpoint.json, control.sock
@@ -199,6 +205,11 @@ class Workdir:
         self.image_store = self.images / "store"   # image/store.py's bases
         self.image_names = self.images / "names.json"
         self.containers = self.root / "containers"
+        self.net = self.root / "net"                        # net/ipam.py: bridge plans and leases
+        self.runs = self.root / "runs"                      # slurm.py: run records of `vmiso run`
+        self.agent_bindings = self.root / "agent-bindings"  # agent/bindings.py: containers bound to jobs
+        self.agent_info = self.root / "agent.json"          # agent/presence.py: the serving agent's socket
+        self.pool_status = self.root / "pool.json"          # pool.py: the pool's status, for ps and doctor
         self.cache = self.root / "cache"
         self.oci_cache = self.cache / "oci"
         self.test_images = self.cache / "testimages"

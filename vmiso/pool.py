@@ -44,7 +44,7 @@ from .container import new_uuid
 from .errors import InvalidSpec, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
-from .paths import CONTROL_SOCKET, LOGS, OVERLAY, SEED, restrict_to_qemu, warm_log_dir
+from .paths import CONTROL_SOCKET, LOGS, OVERLAY, SEED, Workdir, restrict_to_qemu, warm_log_dir
 from .spec import Resources
 from .virt import domain
 from .virt import stdin as sockets
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 SLOT_PREFIX = ".pool-"       # containers/.pool-<id>: hidden from container_ids()
 CLAIM_SOCKET = "claim.sock"
 SLOT_RECORD = "pool-slot.json"  # whose pool VM a slot directory is (the agent id)
-STATUS_FILE = "pool.json"    # <workdir>/pool.json: what ps and doctor show, written by the owner
 READY_LINE = b"VMISO-WARM-READY\n"
 BOOT_TIMEOUT_S = 120.0       # QEMU's start plus the guest's boot under a loaded TCG host
 FAILURE_BACKOFF_S = 2.0      # after a failed boot, before the next attempt
@@ -407,7 +406,7 @@ class Pool:
                 "owner_pid": os.getpid(), "agent": self.iso.agent_id, **self.stats}
 
     def _write_status(self):
-        path = os.path.join(self.iso.workdir.root, STATUS_FILE)
+        path = self.iso.workdir.pool_status
         try:
             if not os.path.isdir(self.iso.workdir.root):
                 return
@@ -419,7 +418,7 @@ class Pool:
 def read_status(workdir_root):
     """The pool status its owner last wrote (None: no pool, or its owner is gone)."""
     try:
-        with open(os.path.join(workdir_root, STATUS_FILE), "rb") as f:
+        with open(Workdir.of(workdir_root).pool_status, "rb") as f:
             status = json.loads(f.read())
         os.kill(status["owner_pid"], 0)
     except (OSError, ValueError, KeyError, TypeError):

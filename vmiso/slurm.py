@@ -18,13 +18,13 @@ import shlex
 import sys
 
 from .errors import AlreadyExists
+from .paths import Workdir
 from .spec import CONTAINER_ID_RE, Resources
 
 # Slurm's special step ids (slurm.h): what a batch script, the extern step and salloc see.
 SPECIAL_STEPS = {"4294967294": "batch", "4294967295": "extern", "4294967293": "interactive"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 MAX_ID = 64
-RUNS = "runs"
 
 
 def in_job(env):
@@ -130,7 +130,7 @@ class RunRecord:
     """Held by one ``vmiso run`` process for one container; released when it exits (or dies)."""
 
     def __init__(self, workdir, container_id, job_id=None):
-        directory = os.path.join(str(workdir), RUNS)
+        directory = str(Workdir.of(workdir).runs)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.path = os.path.join(directory, container_id)
         self.fd = _open_locked(self.path)
@@ -176,7 +176,7 @@ def hold_record(workdir, container_id, env):
 
 def read_records(workdir):
     """{container id: (job id or None, held)}: ``held`` is False once the owning process is gone."""
-    directory = os.path.join(str(workdir), RUNS)
+    directory = str(Workdir.of(workdir).runs)
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -212,7 +212,7 @@ def _read_record(path):
 
 def remove_record(workdir, container_id):
     """Remove a record if nobody holds it (under its lock, so a run taking it is never robbed)."""
-    path = os.path.join(str(workdir), RUNS, container_id)
+    path = os.path.join(Workdir.of(workdir).runs, container_id)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -18,19 +18,19 @@ import os
 import threading
 import time
 
+from ..paths import Workdir
 from ..spec import CONTAINER_ID_RE
 from . import jobs
 
 log = logging.getLogger(__name__)
 
-DIRECTORY = "agent-bindings"
 
 
 class Bindings:
     """The bindings of work dir ``workdir`` (None: kept in memory only, for tests)."""
 
     def __init__(self, workdir):
-        self.directory = None if workdir is None else os.path.join(str(workdir), DIRECTORY)
+        self.directory = None if workdir is None else str(Workdir.of(workdir).agent_bindings)
         self._lock = threading.Lock()
         self._items = {}           # container id -> record
         self._ended_alone = {}     # container id -> monotonic time its abandoned task was first seen ended

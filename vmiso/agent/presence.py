@@ -17,8 +17,7 @@ import json
 import os
 
 from ..errors import HostError
-
-INFO = "agent.json"
+from ..paths import Workdir
 
 
 def _open_lock(workdir):
@@ -36,11 +35,12 @@ def hold_exclusive(workdir, socket_path, on_wait=None):
             if on_wait is not None:
                 on_wait()
             fcntl.flock(fd, fcntl.LOCK_EX)
-        tmp = os.path.join(str(workdir), f".{INFO}.{os.getpid()}")
+        info = Workdir.of(workdir).agent_info
+        tmp = info.with_name(f".{info.name}.{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump({"socket": str(socket_path), "pid": os.getpid()}, f)
         os.chmod(tmp, 0o600)
-        os.replace(tmp, os.path.join(str(workdir), INFO))
+        os.replace(tmp, info)
     except BaseException:
         os.close(fd)
         raise
@@ -65,7 +65,8 @@ def served_by(workdir):
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
     try:
-        with open(os.path.join(str(workdir), INFO)) as f:
+        with open(Workdir.of(workdir).agent_info) as f:
             return json.load(f)["socket"], None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise HostError(f"an agent holds {workdir} but its {INFO} is unreadable: {err}") from err
+        info = Workdir.of(workdir).agent_info
+        raise HostError(f"an agent holds {workdir} but its {info.name} is unreadable: {err}") from err

@@ -72,13 +72,11 @@ class _NoReport:
 def _job_has_containers(args):
     """A container dir, a run record or an agent's binding of the job exists (a launch makes its
     dir before its domain and removes it after, so a job without either has no VM either)."""
-    from ..agent.bindings import DIRECTORY
-
     workdir = Workdir(args.workdir)
     records = slurm.read_records(workdir.root)
     return bool(job_containers(workdir.container_ids(), records, args.job, os.environ)) or \
         any(job == str(args.job) for job, _held in records.values()) or \
-        _bound_to(os.path.join(str(workdir.root), DIRECTORY), str(args.job))
+        _bound_to(workdir.agent_bindings, str(args.job))
 
 
 def _bound_to(directory, job_id):

@@ -26,6 +26,7 @@ import os
 
 from ..errors import AlreadyExists, InvalidSpec, NetworkError, NotFound
 from ..files import flocked, write_atomic
+from ..paths import Workdir
 from . import addr
 
 VERSION = 1
@@ -38,7 +39,7 @@ class Store:
     """The plan and lease store of one work directory. Every method is one locked transaction."""
 
     def __init__(self, workdir):
-        self.dir = os.path.join(os.fspath(workdir), "net")
+        self.dir = str(Workdir.of(workdir).net)
         self.path = os.path.join(self.dir, STORE)
 
     @contextlib.contextmanager

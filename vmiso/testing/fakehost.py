@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from ..errors import VirtError
+from ..paths import Workdir
 from ..virt import channel
 from ..virt import domain as domain_xml
 
@@ -227,8 +228,9 @@ def _stdout_of(dom):
     if os.path.isdir(os.path.dirname(dom.stdout)):
         return dom.stdout
     record = domain_xml.parse_metadata(dom.metadata) or {}
-    return os.path.join(record.get("workdir", ""), "containers", record.get("container", ""),
-                        os.path.basename(dom.stdout))
+    if not (record.get("workdir") and record.get("container")):
+        return dom.stdout
+    return os.path.join(Workdir(record["workdir"]).container_dir(record["container"]), os.path.basename(dom.stdout))
 
 
 def _nonce_of(dom):
@@ -238,5 +240,5 @@ def _nonce_of(dom):
 
     record = domain_xml.parse_metadata(dom.metadata) or {}
     if record.get("container") and record.get("workdir"):
-        return state.read(os.path.join(record["workdir"], "containers", record["container"])).nonce
+        return state.read(str(Workdir(record["workdir"]).container_dir(record["container"]))).nonce
     return state.read(os.path.dirname(_stdout_of(dom))).nonce
