@@ -7,10 +7,13 @@ import pytest
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() == 0:
         return
-    skip = pytest.mark.skip(reason="needs root (system tests start VMs through qemu:///system)")
+    system = pytest.mark.skip(reason="needs root (system tests start VMs through qemu:///system)")
+    netns = pytest.mark.skip(reason="needs root (makes network namespaces, bridges and nftables rules)")
     for item in items:
-        if "system" in item.keywords or "netns" in item.keywords:
-            item.add_marker(skip)
+        if "system" in item.keywords:
+            item.add_marker(system)
+        elif "netns" in item.keywords:
+            item.add_marker(netns)
 
 
 @pytest.fixture

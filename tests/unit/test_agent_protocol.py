@@ -1,6 +1,7 @@
 """What travels on the agent's socket (vmiso/agent/protocol.py) and how the server parses requests
 (vmiso/agent/server.py): specs round-trip exactly, malformed ones are refused naming the field,
 errors keep their class and message, and a malformed request never reaches the Isolator."""
+import grp
 import json
 import os
 import socket
@@ -104,7 +105,10 @@ class Untouchable:
 
 @pytest.fixture
 def agent(tmp_path):
-    a = Agent(Untouchable(), Policy.parse({}), str(tmp_path / "agent.sock"))
+    # The caller is this process: root is admitted anyway, an ordinary user through its own group
+    # (a request refused at admission would be answered 403 before it is parsed).
+    policy = Policy.parse({"group": grp.getgrgid(os.getegid()).gr_name})
+    a = Agent(Untouchable(), policy, str(tmp_path / "agent.sock"))
     a.bind()
     thread = threading.Thread(target=a.serve_forever, daemon=True)
     thread.start()

@@ -95,10 +95,11 @@ def images(tmp_path_factory):
 
 def _make_luks(path):
     """A LUKS-encrypted qcow2. qemu's PBKDF calibration sometimes fails on a fast CPU
-    ("Unable to get accurate CPU usage": it measured 0 ms), so try a few times."""
+    ("Unable to get accurate CPU usage": it measured 0 ms), so try again. On these machines half
+    the tries fail, each at once (~10 ms; a success takes ~2 s): 5 tries failed one run in 30."""
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=x", "-o",
             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", path, "16M"]
-    for _ in range(5):
+    for _ in range(40):
         proc = run(argv, check=False)
         if proc.returncode == 0:
             return

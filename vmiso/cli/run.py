@@ -9,7 +9,7 @@ import threading
 
 from .. import slurm
 from ..errors import InvalidSpec
-from ..spec import R_GUEST_EXITED, Resources, TaskSpec
+from ..spec import R_GUEST_EXITED, Resources, TaskSpec, validate_container_id
 from . import taskdata, terminal
 from .common import exit_code_of, isolator
 
@@ -126,6 +126,8 @@ def run(args):
     if args.detach and args.interactive:  # the copy into the guest lives in this process
         raise InvalidSpec("stdin", "-i streams this process's stdin to the task: it cannot be used with -d")
     spec = spec_from_args(args)
+    if args.name is not None:  # like the spec, before any agent or work dir is asked
+        validate_container_id(args.name)
     iso = isolator(args)
     if getattr(iso, "remote", False):  # the agent's client: it has no work dir to look into
         taken, record = _taken_remote(iso), None
