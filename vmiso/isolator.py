@@ -109,6 +109,7 @@ class Isolator:
         it. None (or 0): QEMU's own user, as for every container of the operator."""
         started = time.monotonic()
         validate_container_id(container_id)
+        self.workdir.check_socket_path(self.workdir.container_dir(container_id), "container_id")
         if not isinstance(spec, TaskSpec):
             raise InvalidSpec("spec", "must be a vmiso.TaskSpec")
         uid = _local_uid(uid)

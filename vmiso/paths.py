@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from . import files
-from .errors import HostError
+from .errors import HostError, InvalidSpec
 from .spec import validate_container_id
 
 DEFAULT_WORKDIR = "/var/lib/vmiso"
@@ -68,6 +68,7 @@ CHECKPOINT = "checkpoint.json"
 CONTROL_SOCKET = "control.sock"
 STDIN_SOCKET = "stdin.sock"
 LOGS = (CONSOLE_LOG, STDOUT, STDERR)  # the serial ports' logs, written by virtlogd
+UNIX_PATH_MAX = 107  # bytes in a unix socket's path (sun_path is 108 with its NUL)
 LOGS_PREFIX = ".logs-"      # containers/.logs-<slot>: a warm VM's logs (see log_dir)
 KERNEL = "vmlinux"          # a local user's container: its own copy of the kernel (and initrd)
 INITRD = "initrd.img"
@@ -238,6 +239,15 @@ class Workdir:
 
     def container_dir(self, container_id):
         return self.containers / validate_container_id(container_id)
+
+    def check_socket_path(self, directory, what):
+        """InvalidSpec unless a socket in ``directory`` (control.sock, the longest name of a
+        container's sockets) fits a unix socket's address: QEMU and vmiso could not bind it."""
+        path = os.fsencode(os.path.join(directory, CONTROL_SOCKET))
+        if len(path) > UNIX_PATH_MAX:
+            raise InvalidSpec(what, f"its sockets would be {os.fsdecode(path)} ({len(path)} bytes), but a unix "
+                                    f"socket's path holds at most {UNIX_PATH_MAX}: use a shorter work dir "
+                                    f"(now {self.root}){' or container id' if what == 'container_id' else ''}")
 
     def make_container_dir(self, container_id, qemu_uid=None):
         """Create the container's directory; FileExistsError if it is there already.

@@ -124,6 +124,7 @@ class Pool:
                                           f"({self.vm_bytes(config) >> 20} MiB with QEMU's overhead)")
             if config.size:
                 # NotFound or InvalidSpec now, not later in the refill thread:
+                self.iso.workdir.check_socket_path(self.iso.workdir.containers / (SLOT_PREFIX + "0" * 12), "pool")
                 resolve(self.iso.workdir, config.image, allow_paths=self.iso.image_paths)
         with self.cond:
             self.config = config if config is not None and config.size else None

@@ -281,3 +281,17 @@ def test_the_supervisor_answers_for_a_destroyed_container(iso, host, base):
     assert "launch:running" in iso.timeline("c1") and "vm:concluded" in iso.timeline("c1")
     iso.launch("c1", spec(base))
     assert iso.supervisor.ended("c1") is None and iso.status("c1").state == "RUNNING"
+
+
+def test_a_work_dir_too_deep_for_a_socket_is_refused_before_anything_is_made(tmp_path, host, base):
+    """A container's control.sock (and a warm VM's claim.sock) must fit a unix socket's 107-byte
+    path: a deep work dir or a long id gets InvalidSpec naming both, not a failure inside libvirt."""
+    from vmiso import InvalidSpec, PoolConfig
+
+    deep = tmp_path / ("d" * 60)
+    iso = Isolator(workdir=str(deep), accel="tcg", agent_id=AGENT, host=host)
+    with pytest.raises(InvalidSpec, match="107"):
+        iso.launch("c" * 40, spec(base))
+    with pytest.raises(InvalidSpec, match="pool.*shorter work dir"):
+        iso.pool.configure(PoolConfig(image=base, size=1))
+    assert host.domains == {} and not os.path.exists(deep / "containers" / ("c" * 40))

@@ -5,7 +5,10 @@ owner's pool VMs are destroyed by recover(). The guest side (micro-init) is test
 in tests/system/test_warm.py."""
 import io
 import os
+import shutil
 import tarfile
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +18,17 @@ AGENT = "agent-fake"
 pytestmark = pytest.mark.usefixtures("fast_conclusion")
 
 
-def make(tmp_path, host, base, **config):
-    iso = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+@pytest.fixture
+def short_tmp():
+    """A directory with a short path: a warm VM's sockets (containers/.pool-<id>/control.sock)
+    must fit a unix socket's 107 bytes, which pytest's tmp_path under a long user name does not."""
+    path = tempfile.mkdtemp(prefix="vp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make(short_tmp, host, base, **config):
+    iso = Isolator(workdir=str(short_tmp / "w"), accel="tcg", agent_id=AGENT, host=host)
     iso.pool.configure(PoolConfig(image=base, **{"refill_delay_s": 0, **config})) if config else None
     return iso
 
@@ -31,8 +43,8 @@ def claimed_files(dom):
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
-def test_a_fitting_launch_claims_a_ready_vm_and_the_pool_refills(tmp_path, host, base):
-    iso = make(tmp_path, host, base, size=1)
+def test_a_fitting_launch_claims_a_ready_vm_and_the_pool_refills(short_tmp, host, base):
+    iso = make(short_tmp, host, base, size=1)
     assert iso.pool.wait_ready(1, timeout=10)
     (first,) = pool_domains(host)
     status = iso.launch("c1", TaskSpec(["echo", "hi"], image=base))
@@ -53,8 +65,8 @@ def test_a_fitting_launch_claims_a_ready_vm_and_the_pool_refills(tmp_path, host,
     assert not [n for n in os.listdir(iso.workdir.containers) if n.startswith(".pool-")]
 
 
-def test_two_warm_tasks_get_different_vms_identities_and_entropy(tmp_path, host, base):
-    iso = make(tmp_path, host, base, size=2)
+def test_two_warm_tasks_get_different_vms_identities_and_entropy(short_tmp, host, base):
+    iso = make(short_tmp, host, base, size=2)
     assert iso.pool.wait_ready(2, timeout=10)
     a = iso.launch("task-a", TaskSpec(["true"], image=base)).domain
     b = iso.launch("task-b", TaskSpec(["true"], image=base)).domain
@@ -64,8 +76,8 @@ def test_two_warm_tasks_get_different_vms_identities_and_entropy(tmp_path, host,
     iso.pool.close()
 
 
-def test_launches_that_do_not_fit_boot_cold(tmp_path, host, base):
-    iso = make(tmp_path, host, base, size=1)
+def test_launches_that_do_not_fit_boot_cold(short_tmp, host, base):
+    iso = make(short_tmp, host, base, size=1)
     assert iso.pool.wait_ready(1, timeout=10)
     for cid, spec in (("mem", TaskSpec(["true"], image=base, resources=Resources(mem_mib=512))),
                       ("disk", TaskSpec(["true"], image=base, resources=Resources(disk_gib=1))),
@@ -75,8 +87,8 @@ def test_launches_that_do_not_fit_boot_cold(tmp_path, host, base):
     iso.pool.close()
 
 
-def test_a_crashed_pool_vm_is_replaced(tmp_path, host, base):
-    iso = make(tmp_path, host, base, size=1)
+def test_a_crashed_pool_vm_is_replaced(short_tmp, host, base):
+    iso = make(short_tmp, host, base, size=1)
     assert iso.pool.wait_ready(1, timeout=10)
     (first,) = pool_domains(host)
     host.stop(first, "crashed")
@@ -86,8 +98,8 @@ def test_a_crashed_pool_vm_is_replaced(tmp_path, host, base):
     iso.pool.close()
 
 
-def test_the_memory_cap_bounds_the_pool(tmp_path, host, base):
-    iso = make(tmp_path, host, base)
+def test_the_memory_cap_bounds_the_pool(short_tmp, host, base):
+    iso = make(short_tmp, host, base)
     one = iso.pool.vm_bytes(PoolConfig(image=base)) >> 20
     with pytest.raises(InvalidSpec):
         iso.pool.configure(PoolConfig(image=base, size=2, max_mem_mib=one - 1))
@@ -101,8 +113,8 @@ def test_the_memory_cap_bounds_the_pool(tmp_path, host, base):
     iso.pool.close()
 
 
-def test_a_failed_claim_destroys_its_vm_and_leaves_nothing(tmp_path, host, base):
-    iso = make(tmp_path, host, base, size=1)
+def test_a_failed_claim_destroys_its_vm_and_leaves_nothing(short_tmp, host, base):
+    iso = make(short_tmp, host, base, size=1)
     assert iso.pool.wait_ready(1, timeout=10)
     (first,) = pool_domains(host)
     host.fail_next["set_metadata"] = 1
@@ -113,25 +125,25 @@ def test_a_failed_claim_destroys_its_vm_and_leaves_nothing(tmp_path, host, base)
     iso.pool.close()
 
 
-def test_a_dead_owners_full_pool_leaves_no_vm_after_recover(tmp_path, host, base):
-    owner = make(tmp_path, host, base, size=2)
+def test_a_dead_owners_full_pool_leaves_no_vm_after_recover(short_tmp, host, base):
+    owner = make(short_tmp, host, base, size=2)
     assert owner.pool.wait_ready(2, timeout=10)
     with owner.pool.cond:
         owner.pool.closed = True  # the process dies: no refill, nobody holds the VMs
         owner.pool.slots.clear()
         owner.pool.cond.notify_all()
     host.close()
-    again = make(tmp_path, host, base)
+    again = make(short_tmp, host, base)
     report = again.recover()
     assert len(report.pool) == 2 and pool_domains(host) == []
     assert not [n for n in os.listdir(again.workdir.containers) if n.startswith(".pool-")]
     assert report.orphans == []  # pool VMs are the pool's to destroy, not orphans
 
 
-def test_a_warm_vms_logs_keep_their_directory_from_boot_to_destroy(tmp_path, host, base):
+def test_a_warm_vms_logs_keep_their_directory_from_boot_to_destroy(short_tmp, host, base):
     """virtlogd rolls a log over by the path it opened it at: the claim renames the VM's directory
     but never the one its logs are in (paths.log_dir), and destroy() removes both."""
-    iso = make(tmp_path, host, base, size=1, refill_delay_s=3600)
+    iso = make(short_tmp, host, base, size=1, refill_delay_s=3600)
     assert iso.pool.wait_ready(1, timeout=10)
     (first,) = pool_domains(host)
     slot_id = first[len("vmiso-pool-"):]
@@ -150,8 +162,8 @@ def test_a_warm_vms_logs_keep_their_directory_from_boot_to_destroy(tmp_path, hos
     assert os.listdir(iso.workdir.containers) == []
 
 
-def test_recover_removes_only_the_logs_no_vm_or_container_names(tmp_path, host, base):
-    iso = make(tmp_path, host, base, size=1, refill_delay_s=3600)
+def test_recover_removes_only_the_logs_no_vm_or_container_names(short_tmp, host, base):
+    iso = make(short_tmp, host, base, size=1, refill_delay_s=3600)
     assert iso.pool.wait_ready(1, timeout=10)
     (pooled,) = pool_domains(host)
     iso.launch("c1", TaskSpec(["true"], image=base))  # claims it: its logs are the container's now
@@ -169,19 +181,19 @@ def test_recover_removes_only_the_logs_no_vm_or_container_names(tmp_path, host, 
     assert os.listdir(iso.workdir.containers) == []
 
 
-def test_a_log_directory_is_named_by_a_slot_id_only(tmp_path):
+def test_a_log_directory_is_named_by_a_slot_id_only(short_tmp):
     from vmiso.errors import HostError
     from vmiso.paths import Workdir, log_dir
 
-    containers = tmp_path / "containers"
+    containers = short_tmp / "containers"
     assert log_dir(containers / "c1") == str(containers / "c1")
     assert log_dir(containers / "c1", "0123456789ab") == str(containers / ".logs-0123456789ab")
     for bad in ("../../etc", "0123456789AB", "", "0123456789abc", 7):
         with pytest.raises(HostError):
             log_dir(containers / "c1", bad)
-    work = Workdir(tmp_path)
+    work = Workdir(short_tmp)
     containers.mkdir()
-    target = tmp_path / "target"
+    target = short_tmp / "target"
     target.mkdir()
     (target / "keep").write_bytes(b"x")
     os.symlink(target, containers / ".logs-0123456789ab")  # planted: removed as a link, never followed
@@ -191,7 +203,7 @@ def test_a_log_directory_is_named_by_a_slot_id_only(tmp_path):
     assert not os.path.lexists(containers / ".logs-0123456789ab") and (target / "keep").exists()
 
 
-def test_ps_through_the_agent_lists_the_pool_vms_as_in_process_ps_does(tmp_path, host, base, monkeypatch, capsys):
+def test_ps_through_the_agent_lists_the_pool_vms_as_in_process_ps_does(short_tmp, host, base, monkeypatch, capsys):
     """The agent's clients cannot read <workdir>/pool.json: its info answer carries the pool's
     VMs, and `vmiso ps` through it prints the same WARM rows as in-process."""
     import argparse
@@ -202,9 +214,9 @@ def test_ps_through_the_agent_lists_the_pool_vms_as_in_process_ps_does(tmp_path,
     from vmiso.agent.server import Agent
     from vmiso.cli import containers
 
-    iso = make(tmp_path, host, base, size=2)
+    iso = make(short_tmp, host, base, size=2)
     assert iso.pool.wait_ready(2, timeout=10)
-    agent = Agent(iso, Policy.parse({}), str(tmp_path / "a.sock"))
+    agent = Agent(iso, Policy.parse({}), str(short_tmp / "a.sock"))
     agent.bind()
     thread = threading.Thread(target=agent.serve_forever, daemon=True)
     thread.start()
