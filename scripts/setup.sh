@@ -17,6 +17,9 @@ DEB_PACKAGES=(
   # container images (vmiso/image/oci): skopeo transfers them; umoci and docker-registry are the
   # tests' reference unpacker and registry
   skopeo umoci docker-registry
+  # Debian's own Python, which ordinary users can run: their client (client.sh) and the unit tier
+  # run as an ordinary user (unit-as-user.sh) are venvs of it, the latter with compiled extensions
+  python3 python3-venv python3-dev
 )
 
 if [ "$(id -u)" != 0 ]; then

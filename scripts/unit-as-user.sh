@@ -26,17 +26,8 @@ if [ "$(id -u)" != 0 ]; then
   log "must run as root (creates the user, the venv under $PREFIX, a mount namespace)"; exit 1
 fi
 
-# Debian's own Python with venv and headers (in the base image; qemu-img, busybox and the compiler
-# come from setup.sh, which `make test-unit-user` runs first).
-missing=()
-for p in python3 python3-venv python3-dev gcc; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing Debian packages: ${missing[*]}"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+# Debian's own Python with venv and headers, qemu-img, busybox and the compiler come from
+# setup.sh, which `make test-unit-user` runs first.
 
 id "$USER_NAME" >/dev/null 2>&1 || { log "creating user $USER_NAME"; useradd -m -s /bin/bash "$USER_NAME"; }
 home=$(getent passwd "$USER_NAME" | cut -d: -f6)
