@@ -69,6 +69,7 @@ CONTROL_SOCKET = "control.sock"
 STDIN_SOCKET = "stdin.sock"
 LOGS = (CONSOLE_LOG, STDOUT, STDERR)  # the serial ports' logs, written by virtlogd
 UNIX_PATH_MAX = 107  # bytes in a unix socket's path (sun_path is 108 with its NUL)
+SLOT_PREFIX = ".pool-"      # containers/.pool-<slot>: a warm VM before its claim (vmiso/pool.py)
 LOGS_PREFIX = ".logs-"      # containers/.logs-<slot>: a warm VM's logs (see log_dir)
 KERNEL = "vmlinux"          # a local user's container: its own copy of the kernel (and initrd)
 INITRD = "initrd.img"

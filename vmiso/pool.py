@@ -44,14 +44,13 @@ from .container import new_uuid
 from .errors import InvalidSpec, VmisoError
 from .image import qcow2, seed
 from .image.resolve import resolve
-from .paths import CONTROL_SOCKET, LOGS, OVERLAY, SEED, Workdir, restrict_to_qemu, warm_log_dir
+from .paths import CONTROL_SOCKET, LOGS, OVERLAY, SEED, SLOT_PREFIX, Workdir, restrict_to_qemu, warm_log_dir
 from .spec import Resources
 from .virt import domain
 from .virt import stdin as sockets
 
 log = logging.getLogger(__name__)
 
-SLOT_PREFIX = ".pool-"       # containers/.pool-<id>: hidden from container_ids()
 CLAIM_SOCKET = "claim.sock"
 SLOT_RECORD = "pool-slot.json"  # whose pool VM a slot directory is (the agent id)
 READY_LINE = b"VMISO-WARM-READY\n"

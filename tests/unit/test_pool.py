@@ -236,3 +236,23 @@ def test_ps_through_the_agent_lists_the_pool_vms_as_in_process_ps_does(short_tmp
         iso.pool.close()
     assert len(in_process) == 2 and sorted(in_process) == sorted(through_agent)
     assert all("WARM-READY" in line and AGENT in line for line in through_agent)
+
+
+def test_a_stored_image_a_warm_vm_boots_is_in_use_and_not_collected(short_tmp, host, base):
+    """A warm VM not claimed yet holds an overlay on its base: `image rm` refuses the image
+    naming the warm VM, and gc keeps it unnamed while the VM is there, then collects it."""
+    from vmiso.errors import InUse
+    from vmiso.image import store
+
+    work = short_tmp / "w"
+    sha = store.add(str(work), base).image.sha256  # unnamed: gc's to collect once unused
+    iso = make(short_tmp, host, sha, size=1)
+    assert iso.pool.wait_ready(1, timeout=10)
+    slot = next(n for n in os.listdir(iso.workdir.containers) if n.startswith(".pool-"))
+    with pytest.raises(InUse) as info:
+        store.rm(str(work), sha)
+    assert info.value.users == [f"warm VM {slot[len('.pool-'):]}"]
+    assert store.gc(str(work), dry_run=True) == []
+    iso.pool.configure(None)
+    assert not any(n.startswith(".pool-") for n in os.listdir(iso.workdir.containers))
+    assert [(c.kind, c.id) for c in store.gc(str(work))] == [("store", sha)]

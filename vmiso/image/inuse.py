@@ -1,8 +1,10 @@
-"""Which base images live containers use, from what each container directory holds.
+"""Which base images live containers and warm VMs use, from what each container directory holds.
 
 A container uses the base its checkpoint names unless it terminated (its overlay is deleted
 then), and whatever base an overlay still in its directory has as backing file (so a container
-whose checkpoint is unreadable still protects its base). Files are compared by identity
+whose checkpoint is unreadable still protects its base). A warm VM not claimed yet
+(containers/.pool-<slot>, vmiso/pool.py) uses its overlay's base: it is named "warm VM <slot>".
+Files are compared by identity
 (device, inode), not by path, so a work directory spelled differently still matches.
 """
 import contextlib
@@ -10,7 +12,7 @@ import os
 
 from .. import state
 from ..errors import ImageError
-from ..paths import OVERLAY, Workdir
+from ..paths import OVERLAY, SLOT_PREFIX, Workdir
 from . import qcow2
 
 
@@ -29,18 +31,20 @@ def bases_of(directory):
 
 
 def users(root):
-    """{(st_dev, st_ino) of a base: {container ids}} for every base a live container uses."""
+    """{(st_dev, st_ino) of a base: {users}} for every base a live container or warm VM uses
+    (a container by its id, a warm VM as "warm VM <slot>")."""
     containers = Workdir.of(root).containers
     try:
-        ids = [e.name for e in os.scandir(containers) if not e.name.startswith(".")]
+        names = [e.name for e in os.scandir(containers) if not e.name.startswith(".") or e.name.startswith(SLOT_PREFIX)]
     except FileNotFoundError:
         return {}
     used = {}
-    for container_id in ids:
-        for base in bases_of(containers / container_id):
+    for name in names:
+        user = f"warm VM {name[len(SLOT_PREFIX):]}" if name.startswith(SLOT_PREFIX) else name
+        for base in bases_of(containers / name):
             with contextlib.suppress(OSError):
                 st = os.stat(base)
-                used.setdefault((st.st_dev, st.st_ino), set()).add(container_id)
+                used.setdefault((st.st_dev, st.st_ino), set()).add(user)
     return used
 
 
