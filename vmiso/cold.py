@@ -56,6 +56,7 @@ def launch(iso, container_id: str, spec: TaskSpec, image: BootImage, task: Guest
     )
     checkpoint.extra["limits"] = accounting.limits_record(spec.resources)
     checkpoint.extra["disk_bytes"] = disk_bytes
+    checkpoint.extra["stop_signal"] = task.stop_signal  # for a kill from any process, after a restart too
     if shares:
         checkpoint.extra["volumes"] = [s.record() for s in shares]
     if spec.stdin is not None:

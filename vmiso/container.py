@@ -10,6 +10,7 @@ from .spec import (
     FINISHED,
     KILLED,
     LOST,
+    MAX_SIGNAL,
     R_DESTROYED,
     R_GUEST_EXITED,
     R_IO_ERROR,
@@ -17,6 +18,7 @@ from .spec import (
     R_NO_EXIT_STATUS,
     R_TIMEOUT,
     R_VM_CRASHED,
+    SIGTERM,
     Termination,
 )
 
@@ -59,6 +61,15 @@ class Container:
         return os.path.join(self.dir, name)
 
     @property
+    def stop_signal(self):
+        """The signal a graceful stop sends the task, as its launch recorded it; SIGTERM for a
+        checkpoint without one (an older vmiso's) or with anything but a signal number."""
+        value = self.checkpoint.extra.get("stop_signal")
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIGNAL:
+            return value
+        return SIGTERM
+
+    @property
     def warm_slot(self):
         """The pool slot this container's VM was booted as (vmiso/pool.py), or None (cold)."""
         return self.checkpoint.extra.get("warm")
@@ -94,7 +105,7 @@ def guest_hostname(container_id):
 def decide_termination(checkpoint, stop_detail, exit_code):
     """How a task ended, from what the guest reported, who stopped it and libvirt's detail."""
     kill_reason = checkpoint.kill_reason
-    # A kill with a grace period, and the timeout, ask the task to stop (SIGTERM): it was killed,
+    # A kill with a grace period, and the timeout, ask the task to stop (its stop signal): it was killed,
     # or timed out, whatever status it chose to exit with.
     if kill_reason == R_DESTROYED and exit_code is not None:
         return Termination(KILLED, R_DESTROYED, exit_code, f"the task was killed (it exited with status {exit_code})")

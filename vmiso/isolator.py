@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECONCILE_EVERY = 5.0  # events are hints: wait() re-checks libvirt this often
-TIMEOUT_GRACE = 5.0  # at TaskSpec.timeout the task gets SIGTERM, and this long before a hard stop
+TIMEOUT_GRACE = 5.0  # at TaskSpec.timeout the task gets its stop signal, and this long before a hard stop
 
 
 class Isolator:
@@ -202,10 +202,10 @@ class Isolator:
             watcher.close()
 
     def kill(self, container_id: str, grace: float = 5.0, reason: str = R_DESTROYED) -> Termination:
-        """Stop the VM: SIGTERM to the task (through the task channel; the ACPI power button
-        for a VM without one), ``grace`` seconds for it to end, then destroy. Keeps the record
-        (wait, status, logs still answer); returns the Termination. NotOwned for another
-        agent's container."""
+        """Stop the VM: the task's stop signal (SIGTERM unless its spec or image named another)
+        through the task channel (the ACPI power button for a VM without one), ``grace``
+        seconds for it to end, then destroy. Keeps the record (wait, status, logs still
+        answer); returns the Termination. NotOwned for another agent's container."""
         c = self.supervisor.own(container_id)
         with c.op:
             if c.removed:
@@ -224,7 +224,8 @@ class Isolator:
         dom = self.host.lookup(c.domain)
         if dom is not None and grace > 0:
             # Within the grace: a guest that takes no input costs at most a second of it.
-            if not channel.request_stop(c.path(CONTROL_SOCKET), c.checkpoint.nonce, timeout=min(1.0, grace)):
+            if not channel.request_stop(c.path(CONTROL_SOCKET), c.checkpoint.nonce, timeout=min(1.0, grace),
+                                        signal=c.stop_signal):
                 self.host.shutdown(dom)  # launched without the socket: the guest's power button
             try:
                 return self.wait(c.id, timeout=grace)

@@ -266,7 +266,7 @@ def config_lines(epilog=DEFAULT_EPILOG):
         "# Remove each job's VMs when it ends, also after a `vmiso run` killed with SIGKILL:",
         f"Epilog={epilog}",
         "# scancel sends SIGTERM, then SIGKILL after KillWait: vmiso needs a few seconds to stop and",
-        "# remove its VM (SIGTERM to the task, a hard stop 5 s later, its files), so keep KillWait",
+        "# remove its VM (its stop signal to the task, a hard stop 5 s later, its files), so keep KillWait",
         f"# at {MIN_KILL_WAIT} or more:",
         f"KillWait={MIN_KILL_WAIT}",
         "# vmiso sizes each VM from the allocation (SLURM_CPUS_PER_TASK / SLURM_CPUS_ON_NODE,",

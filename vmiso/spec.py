@@ -7,8 +7,9 @@ import math
 import os
 import posixpath
 import re
+import signal
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from .errors import InvalidSpec
 
@@ -239,6 +240,42 @@ def _argv(name, value):
     return value
 
 
+# Stop signals as docker takes them (--stop-signal, an image's StopSignal). Guest and host are
+# x86_64 Linux, so Python's numbers are the guest's and its names are docker's Linux table. The
+# real-time ones count as glibc and docker count them: the kernel's first two are libc's own.
+SIGTERM = int(signal.SIGTERM)  # what a stop sends unless the spec or the image names another
+MAX_SIGNAL = 64
+_RTMIN, _RTMAX = 34, MAX_SIGNAL
+_SIGNAL_NAMES = {name[3:]: int(number) for name, number in signal.Signals.__members__.items()
+                 if not name.startswith("SIGRT")}
+_RT_RE = re.compile(r"RTMIN(?:\+([0-9]{1,2}))?|RTMAX(?:-([0-9]{1,2}))?")
+
+
+def parse_signal(value, name="stop_signal") -> int:
+    """The number of signal ``value``, as docker's --stop-signal reads it: a name with or without
+    SIG, in any case ("SIGQUIT", "quit"), SIGRTMIN+N or SIGRTMAX-N, or a number 1..64 (an int or
+    its digits). InvalidSpec naming ``name`` for anything else, 0 included."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidSpec(name, f"must be a signal name or number, not {type(value).__name__}")
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,3}", value):
+        value = int(value)
+    if isinstance(value, int):
+        if not 1 <= value <= MAX_SIGNAL:
+            raise InvalidSpec(name, f"{value} is not a signal number (1..{MAX_SIGNAL})")
+        return int(value)  # a plain int, also for a signal.Signals member
+    text = value.upper()
+    text = text[3:] if text.startswith("SIG") else text
+    if text in _SIGNAL_NAMES:
+        return _SIGNAL_NAMES[text]
+    rt = _RT_RE.fullmatch(text)
+    if rt is not None:
+        number = _RTMIN + int(rt.group(1) or 0) if text.startswith("RTMIN") else _RTMAX - int(rt.group(2) or 0)
+        if _RTMIN <= number <= _RTMAX:
+            return number
+    raise InvalidSpec(name, f"{value[:40]!r} is not a signal (a name such as SIGQUIT or QUIT, SIGRTMIN+N, "
+                            f"or a number 1..{MAX_SIGNAL})")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task: ``command`` is an argv (str or bytes items; never parsed by a shell unless it
@@ -246,7 +283,9 @@ class TaskSpec:
     the image's default (its Cmd), a command replaces Cmd, ``entrypoint`` replaces the image's
     Entrypoint (``[]`` clears it) and ``user`` ("uid[:gid]" or names from the image's own
     /etc/passwd and /etc/group) its User, as ``docker run`` does; micro and disk images need a
-    command and take neither."""
+    command and take neither. ``stop_signal`` (docker's --stop-signal: a name or a number, kept
+    as its number) is what a graceful stop sends the task; None: the image's StopSignal, else
+    SIGTERM."""
 
     command: Optional[tuple] = None
     env: dict = field(default_factory=dict)
@@ -265,6 +304,7 @@ class TaskSpec:
     stdin: object = None
     entrypoint: Optional[tuple] = None
     user: Optional[str] = None
+    stop_signal: Optional[Union[int, str]] = None  # a name or a number when given; its number once made
 
     def __post_init__(self):
         object.__setattr__(self, "command", _argv("command", self.command))
@@ -297,6 +337,8 @@ class TaskSpec:
             raise InvalidSpec("workdir", "must be an absolute path")
         if self.network is not None and not isinstance(self.network, NetworkSpec):
             raise InvalidSpec("network", "must be a vmiso.NetworkSpec")
+        if self.stop_signal is not None:
+            object.__setattr__(self, "stop_signal", parse_signal(self.stop_signal))
 
     @classmethod
     def shell(cls, script, **kwargs):

@@ -1,5 +1,6 @@
-"""What the guest runs for a TaskSpec on a given image: argv, environment, working directory and,
-for a container image, the user, as ``docker run`` derives them from the image's config.
+"""What the guest runs for a TaskSpec on a given image: argv, environment, working directory, the
+signal a graceful stop sends and, for a container image, the user, as ``docker run`` derives them
+from the image's config.
 
 micro and disk images have no config: the spec's command is the task, and a spec that asks for
 what only an image config can give (no command, an entrypoint, a user) is refused. Pure: no I/O.
@@ -10,7 +11,7 @@ from typing import Optional
 
 from .errors import InvalidSpec
 from .image.oci import config as oci_config
-from .spec import ENV_NAME_RE, check_exec_size
+from .spec import ENV_NAME_RE, SIGTERM, check_exec_size, parse_signal
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ class GuestTask:
     env: dict
     workdir: Optional[str]
     user: Optional[tuple] = None   # (uid, gid, supplementary gids): a container image's task only
+    stop_signal: int = SIGTERM     # what a graceful stop sends the task (kill with a grace, the timeout)
 
 
 def _text(argv):
@@ -29,6 +31,20 @@ def _text(argv):
 
 def _bytes(argv):
     return tuple(a if isinstance(a, bytes) else a.encode("utf-8", "surrogateescape") for a in argv)
+
+
+def _stop_signal(spec, image_value, image_name):
+    """The spec's stop signal, else the image's StopSignal, else SIGTERM. The image's is its
+    author's claim: one that names no signal is logged and SIGTERM used, never a refused task."""
+    if spec.stop_signal is not None:
+        return parse_signal(spec.stop_signal)  # its number already: TaskSpec keeps that
+    if image_value is None or image_value == "":  # docker's "not set"
+        return SIGTERM
+    try:
+        return parse_signal(image_value, "StopSignal")
+    except InvalidSpec as err:
+        log.warning("image %s: %s; a stop sends SIGTERM", image_name, err)
+        return SIGTERM
 
 
 def plan(spec, image):
@@ -44,7 +60,8 @@ def plan(spec, image):
         for name in ("entrypoint", "user"):
             if getattr(spec, name) is not None:
                 raise InvalidSpec(name, f"only a container image has one to replace ({image.name} is not one)")
-        return GuestTask(_bytes(spec.command), spec.env, spec.workdir)
+        return GuestTask(_bytes(spec.command), spec.env, spec.workdir,
+                         stop_signal=_stop_signal(spec, None, image.name))
     run = oci_config.run_config(container.config, command=_text(spec.command), entrypoint=_text(spec.entrypoint),
                                 env=spec.env, workdir=spec.workdir, user=spec.user,
                                 passwd=container.passwd, group=container.group)
@@ -56,4 +73,5 @@ def plan(spec, image):
             log.warning("image %s: variable %r cannot be passed to the task; left out", image.name, name)
     argv = _bytes(run.argv)
     check_exec_size(argv, env)
-    return GuestTask(argv, env, run.workdir, (run.uid, run.gid, tuple(run.groups)))
+    return GuestTask(argv, env, run.workdir, (run.uid, run.gid, tuple(run.groups)),
+                     stop_signal=_stop_signal(spec, run.stop_signal, image.name))

@@ -39,7 +39,7 @@ def launch(iso, container_id, spec, image, task, slot, started, resolved) -> Con
         deadline=time.time() + spec.timeout if spec.timeout else None,
     )
     checkpoint.extra.update(limits=accounting.limits_record(spec.resources), disk_bytes=image.virtual_size,
-                            warm=slot.id)
+                            warm=slot.id, stop_signal=task.stop_signal)
     c = Container(container_id, slot.dir, checkpoint)
     c.timeline.update({"launch:start": started, "launch:image": resolved})
     sup = iso.supervisor

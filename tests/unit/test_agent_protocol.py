@@ -26,13 +26,23 @@ def test_a_full_spec_round_trips_exactly():
                     image="py:3", image_format="qcow2", timeout=12.5, workdir="/tmp", user="1000:1000",
                     network=NetworkSpec("vmbr0", vlan=7, ip="10.1.2.3/24", mac="02:00:00:00:00:01", isolated=True,
                                         inbound=RateLimit(100, 200, 50), outbound=RateLimit(10)),
-                    volumes=[Volume("/srv/a", "/a", True), Volume("/srv/b", "/b")], sandbox="/srv/sb")
+                    volumes=[Volume("/srv/a", "/a", True), Volume("/srv/b", "/b")], sandbox="/srv/sb",
+                    stop_signal="SIGQUIT")
     back = roundtrip(spec)
     assert [os.fsencode(a) if isinstance(a, str) else a for a in spec.command] == list(back.command)
     assert back.entrypoint == (b"/bin/sh", b"-c")
     for name in ("env", "resources", "image", "image_format", "timeout", "workdir", "user", "network", "volumes",
-                 "sandbox"):
+                 "sandbox", "stop_signal"):
         assert getattr(back, name) == getattr(spec, name), name
+    assert back.stop_signal == 3
+
+
+def test_a_stop_signal_travels_as_its_number_and_only_when_given():
+    """A spec without one sends exactly what it always sent: an older agent refuses unknown fields."""
+    assert "stop_signal" not in protocol.spec_to_wire(TaskSpec(["true"]))
+    assert protocol.spec_to_wire(TaskSpec(["true"], stop_signal="SIGRTMIN+1"))["stop_signal"] == 35
+    assert roundtrip(TaskSpec(["true"])).stop_signal is None
+    assert protocol.spec_from_wire({"command": ["dHJ1ZQ=="], "stop_signal": "usr2"}).stop_signal == 12
 
 
 def test_stdin_travels_as_a_flag_and_becomes_the_given_reader():
@@ -56,6 +66,10 @@ def test_stdin_travels_as_a_flag_and_becomes_the_given_reader():
     ({"command": ["dHJ1ZQ=="], "resources": {"gpus": 1}}, "resources"),
     ({"command": ["dHJ1ZQ=="], "image": 5}, "image"),
     ({"command": ["dHJ1ZQ=="], "timeout": True}, "timeout"),
+    ({"command": ["dHJ1ZQ=="], "stop_signal": True}, "stop_signal"),
+    ({"command": ["dHJ1ZQ=="], "stop_signal": 0}, "stop_signal"),
+    ({"command": ["dHJ1ZQ=="], "stop_signal": "SIGNOPE"}, "stop_signal"),
+    ({"command": ["dHJ1ZQ=="], "stop_signal": [3]}, "stop_signal"),
     ({"command": ["dHJ1ZQ=="], "volumes": [["relative", "/a"]]}, "volumes"),
     ({"command": ["dHJ1ZQ=="], "volumes": [["/a"]]}, "volumes"),
     ({"command": ["dHJ1ZQ=="], "volumes": [["/a", "/proc"]]}, "volumes"),

@@ -214,6 +214,21 @@ def test_stop_request_is_delivered_whole_before_the_hang_up(tmp_path):
     assert bytes(got) == b"VMISO-" + b"ab12" * 8 + b" TERM\n" == channel.stop_request("ab12" * 8)
 
 
+def test_stop_request_lines_sigterm_as_always_any_other_signal_by_number(tmp_path):
+    """SIGTERM keeps the one line a wrapper of an older vmiso knows; another signal is new."""
+    nonce = "ab12" * 8
+    assert channel.stop_request(nonce) == channel.stop_request(nonce, 15) == f"VMISO-{nonce} TERM\n".encode()
+    assert channel.stop_request(nonce, 3) == f"VMISO-{nonce} SIG 3\n".encode()
+    assert channel.stop_request(nonce, 64) == f"VMISO-{nonce} SIG 64\n".encode()
+    for bad in (0, 65, -1, True, "3", None):
+        with pytest.raises(ValueError):
+            channel.stop_request(nonce, bad)
+    thread, got = _serve_once(tmp_path / "control.sock", "read")
+    assert channel.request_stop(tmp_path / "control.sock", nonce, timeout=2.0, signal=9) is True
+    thread.join(2)
+    assert bytes(got) == f"VMISO-{nonce} SIG 9\n".encode()
+
+
 def test_stop_request_without_a_socket_or_a_reader_is_false(tmp_path):
     assert channel.request_stop(tmp_path / "absent.sock", "00" * 16) is False  # an older launch
     thread, _ = _serve_once(tmp_path / "control.sock", "hold")

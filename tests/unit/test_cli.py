@@ -18,6 +18,7 @@ def test_help_lists_the_commands(tmp_path):
         assert command in out
     run_help = cli("run", "--help", workdir=tmp_path).stdout
     assert "--timeout" in run_help and "124" in run_help
+    assert "--stop-signal" in run_help and "StopSignal" in run_help
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -29,6 +30,8 @@ def test_help_lists_the_commands(tmp_path):
     (["run", "--"], "command"),
     (["run", "--bogus"], "unrecognized"),
     (["run", "--cpus", "many", "--", "true"], "invalid float"),
+    (["run", "--stop-signal", "SIGNOPE", "--", "true"], "stop_signal"),
+    (["run", "--stop-signal", "0", "--", "true"], "stop_signal"),
 ])
 def test_bad_input_exits_125_with_one_line(tmp_path, args, needle):
     proc = cli(*args, workdir=tmp_path / "work")
@@ -46,6 +49,18 @@ def test_options_after_the_command_belong_to_the_task():
     spec = spec_from_args(args)
     assert spec.command == (b"sh", b"-c", b"x", b"--cpus", b"3")
     assert spec.resources.cpus == 2
+
+
+def test_stop_signal_flag_becomes_the_specs_number():
+    from vmiso.cli.main import build_parser
+    from vmiso.cli.run import spec_from_args
+
+    parse = build_parser().parse_args
+    assert spec_from_args(parse(["run", "--stop-signal", "SIGQUIT", "--", "true"])).stop_signal == 3
+    assert spec_from_args(parse(["run", "--stop-signal", "9", "--", "true"])).stop_signal == 9
+    assert spec_from_args(parse(["run", "--", "true"])).stop_signal is None
+    # after CMD it is the task's argument, as every option is
+    assert spec_from_args(parse(["run", "true", "--stop-signal", "3"])).stop_signal is None
 
 
 def test_exit_code_mapping():

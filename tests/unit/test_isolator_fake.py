@@ -3,6 +3,8 @@ way a task ends (decide_termination's branches through the real conclusion path)
 ownership, and recovery after a restart. No libvirtd, no VM; the real-VM tests in
 tests/system prove the same against libvirt."""
 import os
+import socket
+import threading
 
 import libvirt
 import pytest
@@ -98,6 +100,59 @@ def test_kill_with_no_grace_destroys(iso, host, base):
     assert iso.kill("c1", grace=0).state == "KILLED"
     assert ("destroy", "vmiso-c1") in host.calls and ("shutdown", "vmiso-c1") not in host.calls
     assert files(iso, "c1") == ["checkpoint.json"]  # the record stays for wait/status
+
+
+def play_stop_listener(iso, host, cid, code, domain=None):
+    """The guest's end of the task channel's input (control.sock): read the stop request to its
+    end, as QEMU does, then report ``code`` and power off (``domain``: a warm VM's name).
+    Returns the bytes it got."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(iso.workdir.container_dir(cid), "control.sock"))
+    server.listen(1)
+    got = bytearray()
+
+    def run():
+        conn, _ = server.accept()
+        with conn, server:
+            while data := conn.recv(64):
+                got.extend(data)
+        host.guest_exits(domain or f"vmiso-{cid}", code)
+
+    threading.Thread(target=run, daemon=True).start()
+    return got
+
+
+@pytest.mark.parametrize("given, line", [(None, "TERM"), ("SIGQUIT", "SIG 3"), (9, "SIG 9"), ("TERM", "TERM")])
+def test_kill_sends_the_stop_signal_the_launch_recorded(iso, host, base, given, line):
+    iso.launch("c1", spec(base, stop_signal=given))
+    cp = checkpoint(iso, "c1")
+    assert cp.extra["stop_signal"] == (15 if given is None else TaskSpec(["x"], stop_signal=given).stop_signal)
+    got = play_stop_listener(iso, host, "c1", 7)
+    t = iso.kill("c1", grace=5)
+    assert (t.state, t.reason, t.exit_code) == ("KILLED", "destroyed", 7)
+    assert bytes(got) == f"VMISO-{cp.nonce} {line}\n".encode()
+    assert ("destroy", "vmiso-c1") not in host.calls and ("shutdown", "vmiso-c1") not in host.calls
+
+
+def test_a_kill_from_another_process_reads_the_stop_signal_from_the_checkpoint(tmp_path, host, base):
+    """The signal is the checkpoint's, so an agent after a restart (or another process) sends it;
+    a checkpoint of an older vmiso has none, or a malformed one: SIGTERM, the line it always got."""
+    first = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    for cid in ("quit", "old", "odd"):
+        first.launch(cid, spec(base, stop_signal="SIGQUIT"))
+    host.close()  # the agent dies; its VMs live on
+    for cid, value in (("old", None), ("odd", "9; reboot")):
+        cp = checkpoint(first, cid)
+        cp.extra.pop("stop_signal")
+        if value is not None:
+            cp.extra["stop_signal"] = value
+        state.write(str(first.workdir.container_dir(cid)), cp)
+    again = Isolator(workdir=str(tmp_path / "w"), accel="tcg", agent_id=AGENT, host=host)
+    assert sorted(again.recover().running) == ["odd", "old", "quit"]
+    for cid, line in (("quit", "SIG 3"), ("old", "TERM"), ("odd", "TERM")):
+        got = play_stop_listener(again, host, cid, 0)
+        assert again.kill(cid, grace=5).exit_code == 0
+        assert bytes(got) == f"VMISO-{checkpoint(again, cid).nonce} {line}\n".encode(), cid
 
 
 def test_timeout_stops_the_task(iso, host, base):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import InvalidSpec, Isolator, LaunchFailed, PoolConfig, Resources, TaskSpec
+from vmiso import InvalidSpec, Isolator, LaunchFailed, PoolConfig, Resources, TaskSpec, state
 
 AGENT = "agent-fake"
 pytestmark = pytest.mark.usefixtures("fast_conclusion")
@@ -63,6 +63,26 @@ def test_a_fitting_launch_claims_a_ready_vm_and_the_pool_refills(short_tmp, host
     iso.pool.close()
     assert pool_domains(host) == [] and iso.containers() == []
     assert not [n for n in os.listdir(iso.workdir.containers) if n.startswith(".pool-")]
+
+
+def test_a_warm_task_keeps_its_stop_signal(short_tmp, host, base):
+    """The stop signal is no part of the VM: a task with one claims a warm VM, its checkpoint
+    records it, and kill sends it as for a cold launch."""
+    from tests.unit.test_isolator_fake import play_stop_listener
+
+    iso = make(short_tmp, host, base, size=1)
+    assert iso.pool.wait_ready(1, timeout=10)
+    (first,) = pool_domains(host)
+    iso.launch("c1", TaskSpec(["sleep", "9"], image=base, stop_signal="SIGINT"))
+    assert iso.status("c1").domain == first
+    claimed_files(host.domains[first])
+    cp = state.read(str(iso.workdir.container_dir("c1")))
+    assert cp.extra["warm"] and cp.extra["stop_signal"] == 2
+    got = play_stop_listener(iso, host, "c1", 130, domain=first)
+    assert iso.kill("c1", grace=5).exit_code == 130
+    assert bytes(got) == f"VMISO-{cp.nonce} SIG 2\n".encode()
+    iso.destroy("c1")
+    iso.pool.close()
 
 
 def test_two_warm_tasks_get_different_vms_identities_and_entropy(short_tmp, host, base):

@@ -1,5 +1,6 @@
 """TaskSpec, Resources and container-id validation: every bad input gets InvalidSpec."""
 import math
+import signal
 
 import pytest
 
@@ -97,3 +98,23 @@ def test_argv_and_env_share_one_size_budget():
     TaskSpec(argv, env=env)
     with pytest.raises(InvalidSpec, match="together"):
         TaskSpec(argv + [chunk] * 2, env=env)
+
+
+@pytest.mark.parametrize("given, number", [
+    ("SIGQUIT", 3), ("QUIT", 3), ("sigquit", 3), ("Quit", 3), ("SIGKILL", 9), ("SIGUSR1", 10), ("SIGIOT", 6),
+    ("SIGRTMIN", 34), ("SIGRTMIN+3", 37), ("rtmin+30", 64), ("SIGRTMAX", 64), ("SIGRTMAX-2", 62),
+    ("3", 3), ("64", 64), (3, 3), (1, 1), (64, 64), (15, 15), (signal.SIGQUIT, 3),
+])
+def test_a_stop_signal_is_a_name_or_number_as_docker_takes_it_and_kept_as_its_number(given, number):
+    assert TaskSpec(["true"], stop_signal=given).stop_signal == number
+    assert type(TaskSpec(["true"], stop_signal=given).stop_signal) is int
+    assert TaskSpec(["true"]).stop_signal is None  # the image's StopSignal, else SIGTERM (taskrun.plan)
+
+
+@pytest.mark.parametrize("bad", [0, "0", 65, "65", -9, "-9", "+3", " 3", "SIGNOPE", "SIG", "", "SIGRTMIN+31",
+                                 "SIGRTMAX-31", "RTMIN-1", "SIGRTMIN+", "SIGQUIT ", "3.0", 3.0, True, b"QUIT",
+                                 "x" * 1000])
+def test_a_bad_stop_signal_is_refused_naming_the_field(bad):
+    with pytest.raises(InvalidSpec) as info:
+        TaskSpec(["true"], stop_signal=bad)
+    assert info.value.field == "stop_signal" and len(str(info.value)) < 200

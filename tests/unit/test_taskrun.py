@@ -59,3 +59,27 @@ def test_unknown_user_and_oversized_merge_are_refused():
     image = BootImage("big:1", "/b", "raw", 1, "/k", None, "", container=ContainerImage(big, PASSWD, GROUP))
     with pytest.raises(InvalidSpec, match="together"):
         plan(TaskSpec(), image)
+
+
+def _with_stop_signal(value):
+    config = dict(CONFIG, config=dict(CONFIG["config"], StopSignal=value))
+    return BootImage("stop:1", "/b", "raw", 1 << 30, "/k", None, "", container=ContainerImage(config, PASSWD, GROUP))
+
+
+def test_the_stop_signal_is_the_specs_else_the_images_else_sigterm():
+    assert plan(TaskSpec(["true"]), MICRO).stop_signal == 15
+    assert plan(TaskSpec(["true"], stop_signal="SIGQUIT"), MICRO).stop_signal == 3
+    assert plan(TaskSpec(), IMAGE).stop_signal == 15  # the image has no StopSignal
+    assert plan(TaskSpec(), _with_stop_signal("SIGUSR1")).stop_signal == 10
+    assert plan(TaskSpec(), _with_stop_signal("SIGRTMIN+2")).stop_signal == 36
+    assert plan(TaskSpec(stop_signal=9), _with_stop_signal("SIGUSR1")).stop_signal == 9  # the run's wins
+    assert plan(TaskSpec(), _with_stop_signal("")).stop_signal == 15  # docker's "not set"
+
+
+@pytest.mark.parametrize("bad", ["SIGNOPE", "0", 99, ["SIGQUIT"], {"x": 1}, True])
+def test_an_images_bad_stop_signal_is_logged_and_sigterm_used(bad, caplog):
+    """The image's config is its author's claim: a StopSignal that names no signal never
+    refuses the task."""
+    with caplog.at_level("WARNING", logger="vmiso.taskrun"):
+        assert plan(TaskSpec(), _with_stop_signal(bad)).stop_signal == 15
+    assert "StopSignal" in caplog.text and "SIGTERM" in caplog.text

@@ -106,9 +106,11 @@ def _rate(limit):
 
 
 def spec_to_wire(spec):
-    """A TaskSpec as a JSON object. stdin travels on the connection, so only whether there is one."""
+    """A TaskSpec as a JSON object. stdin travels on the connection, so only whether there is one.
+    ``stop_signal`` (its number) only when the spec has one: an agent of an older vmiso refuses
+    a field it does not know, and a spec without it means the same to both."""
     net = spec.network
-    return {
+    wire = {
         "command": None if spec.command is None else [_b64(a) for a in spec.command],
         "entrypoint": None if spec.entrypoint is None else [_b64(a) for a in spec.entrypoint],
         "env": dict(spec.env),
@@ -125,10 +127,13 @@ def spec_to_wire(spec):
         "sandbox": spec.sandbox,
         "stdin": spec.stdin is not None,
     }
+    if spec.stop_signal is not None:
+        wire["stop_signal"] = spec.stop_signal
+    return wire
 
 
 _SPEC_KEYS = {"command", "entrypoint", "env", "resources", "image", "image_format", "timeout", "workdir", "user",
-              "network", "volumes", "sandbox", "stdin"}
+              "network", "volumes", "sandbox", "stdin", "stop_signal"}
 
 
 def _obj(value, name, keys):
@@ -189,6 +194,7 @@ def spec_from_wire(obj, stdin=None):
         network=network, volumes=[Volume(*v) for v in vols],
         sandbox=_opt(obj.get("sandbox"), "sandbox", (str,)),
         stdin=stdin if obj.get("stdin") else None,
+        stop_signal=_opt(obj.get("stop_signal"), "stop_signal", (int, str)),
     )
 
 

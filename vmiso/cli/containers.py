@@ -24,15 +24,16 @@ def register(sub):
     p.set_defaults(func=wait)
 
     p = sub.add_parser("kill", help="stop a container's VM (record kept)",
-                       description="SIGTERM to the task (as docker stop), then after --grace seconds a "
-                                   "hard stop of the VM (--grace 0: at once). The record stays for "
+                       description="The task's stop signal (as docker stop: SIGTERM unless 'vmiso run "
+                                   "--stop-signal' or the image's StopSignal named another), then after "
+                                   "--grace seconds a hard stop of the VM (--grace 0: at once). The record stays for "
                                    "wait/ps/logs; 'vmiso rm' removes it.")
     p.add_argument("id", nargs="+")
     p.add_argument("--grace", type=float, default=5.0, metavar="S", help="seconds before a hard stop (5)")
     p.set_defaults(func=kill)
 
     p = sub.add_parser("rm", help="remove a container (killing it first if it runs)",
-                       description="Kill the container if it runs (SIGTERM to the task, a hard stop after "
+                       description="Kill the container if it runs (its stop signal to the task, a hard stop after "
                                    "--grace seconds), then remove its VM, files and record.")
     p.add_argument("id", nargs="+")
     p.add_argument("--grace", type=float, default=5.0, metavar="S", help="seconds before a hard stop (5)")

@@ -33,7 +33,7 @@ def register(sub):
                     "running or not (for the Slurm Epilog).")
     p.add_argument("--job", metavar="JOBID", help="only the containers of this Slurm job, running or not")
     p.add_argument("--grace", type=float, default=2.0, metavar="S",
-                   help="seconds a running task has after SIGTERM before a hard stop (2)")
+                   help="seconds a running task has after its stop signal before a hard stop (2)")
     p.add_argument("--json", action="store_true", help="print what was removed as JSON")
     p.set_defaults(func=gc)
 

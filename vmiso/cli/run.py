@@ -13,7 +13,7 @@ from ..spec import R_GUEST_EXITED, Resources, TaskSpec, validate_container_id
 from . import taskdata, terminal
 from .common import exit_code_of, isolator
 
-TERM_GRACE = 5.0     # SIGTERM (scancel): SIGTERM to the task first, hard stop after this; within Slurm's KillWait
+TERM_GRACE = 5.0     # SIGTERM (scancel): the task's stop signal first, hard stop after this; within Slurm's KillWait
 
 
 def register(sub):
@@ -41,7 +41,12 @@ def register(sub):
                                                           "allocation's, else 256)")
     p.add_argument("--disk", type=float, metavar="GiB", help="root disk size in GiB (default: the image's)")
     p.add_argument("--timeout", type=float, metavar="S",
-                   help="after S seconds SIGTERM to the task, a hard stop 5 s later (exit 124)")
+                   help="after S seconds the task's stop signal (SIGTERM unless --stop-signal), a hard stop 5 s later "
+                        "(exit 124)")
+    p.add_argument("--stop-signal", metavar="SIGNAL",
+                   help="the signal a stop sends the task first, as docker's: a name (SIGQUIT, QUIT, SIGRTMIN+3) or "
+                        "a number 1..64; the hard stop still follows (vmiso kill's --grace, 5 s after --timeout "
+                        "or a SIGTERM to vmiso run). Default: a container image's StopSignal, else SIGTERM")
     p.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="set a variable in the task's environment; NAME alone passes the caller's value "
                         "(left out when unset)")
@@ -104,7 +109,7 @@ def spec_from_args(args):
                     resources=resources, volumes=taskdata.volumes(args),
                     stdin=_stdin() if args.interactive else None,
                     image=image, image_format=args.format, timeout=args.timeout,
-                    workdir=args.guest_workdir, network=_network(args))
+                    workdir=args.guest_workdir, network=_network(args), stop_signal=args.stop_signal)
 
 
 def _stdin():

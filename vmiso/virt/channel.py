@@ -4,7 +4,8 @@ stop request written into it.
 The guest wrapper writes the task's stdout to the second serial port and its stderr to the third
 (files on the host, written by QEMU), then ``VMISO-<nonce> EXIT <code>\\n`` as the very last
 bytes of the stdout channel. The other way, ``VMISO-<nonce> TERM\\n`` on that port's input
-makes the wrapper send SIGTERM to the task. Everything here treats those files as hostile input:
+makes the wrapper send SIGTERM to the task, ``VMISO-<nonce> SIG <number>\\n`` another signal (the
+task's stop signal). Everything here treats those files as hostile input:
 the exit line counts only when it carries this launch's nonce and ends the file, and reads are
 bounded.
 """
@@ -16,6 +17,8 @@ import socket
 import threading
 import time
 
+from ..spec import MAX_SIGNAL, SIGTERM
+
 MARKER_TAIL_BYTES = 256  # enough for "VMISO-<64 hex> EXIT <code>\n"
 
 
@@ -25,15 +28,22 @@ def marker_prefix(nonce):
     return b"VMISO-" + nonce.encode("ascii") + b" EXIT "
 
 
-def stop_request(nonce):
-    """The line that makes the guest wrapper send SIGTERM to the task (image/guest/task.sh)."""
-    return b"VMISO-" + nonce.encode("ascii") + b" TERM\n"
+def stop_request(nonce, signal=SIGTERM):
+    """The line that makes the guest wrapper send ``signal`` (a number) to the task
+    (image/guest/task.sh): ``TERM`` for SIGTERM, the one line a wrapper of an older vmiso
+    understands, so a task without a stop signal of its own gets exactly what it always got;
+    ``SIG <number>`` for any other signal."""
+    if isinstance(signal, bool) or not isinstance(signal, int) or not 1 <= signal <= MAX_SIGNAL:
+        raise ValueError(f"{signal!r} is not a signal number (1..{MAX_SIGNAL})")
+    what = b"TERM" if signal == SIGTERM else b"SIG %d" % signal
+    return b"VMISO-" + nonce.encode("ascii") + b" " + what + b"\n"
 
 
-def request_stop(socket_path, nonce, timeout=1.0):
-    """Write the stop request into the task channel through its unix socket (libvirt listens
-    there for QEMU). True once QEMU has taken every byte; False when the VM has no such socket
-    (launched by an older vmiso), or nothing takes the request within ``timeout`` seconds.
+def request_stop(socket_path, nonce, timeout=1.0, signal=SIGTERM):
+    """Write the stop request for ``signal`` into the task channel through its unix socket
+    (libvirt listens there for QEMU). True once QEMU has taken every byte; False when the VM has
+    no such socket (launched by an older vmiso), or nothing takes the request within ``timeout``
+    seconds.
 
     QEMU passes input on only as fast as the guest's UART accepts it, and drops what it has not
     read yet when the peer hangs up. So: send, shut down our sending side, and wait for QEMU to
@@ -44,7 +54,7 @@ def request_stop(socket_path, nonce, timeout=1.0):
         try:
             conn.settimeout(timeout)
             conn.connect(str(socket_path))
-            conn.sendall(stop_request(nonce))
+            conn.sendall(stop_request(nonce, signal))
             conn.shutdown(socket.SHUT_WR)
             while True:
                 conn.settimeout(max(0.001, deadline - time.monotonic()))

@@ -5,7 +5,8 @@
 # The task's stdout goes to the task channel (/dev/ttyS1), its stderr to /dev/ttyS2; the last
 # thing written to the task channel is "VMISO-<nonce> EXIT <code>\n"; then the VM powers off (or
 # resets, without ACPI). A line "VMISO-<nonce> TERM" read from the task channel (the host's stop
-# request: vmiso kill with a grace period) sends SIGTERM to the task, as docker stop does.
+# request: vmiso kill with a grace period) sends SIGTERM to the task, as docker stop does;
+# "VMISO-<nonce> SIG <n>" (n 1..64) sends signal n, the task's own stop signal.
 # Data in: "volumes" lists host directories (virtio-9p tags) to mount before the task runs;
 # "stdin" names the virtio-serial port that is the task's stdin (without it: /dev/null).
 d=${1:?usage: task.sh DIR}
@@ -69,10 +70,17 @@ fi
 # execs, for the listener to signal it and nothing else.
 pidfile=/run/vmiso-task.pid
 : >"$pidfile"
+# Only the two request lines count, the signal a number 1..64 matched by pattern (no arithmetic,
+# no eval): anything else on the channel's input is ignored.
 listen_for_stop() {
   while IFS= read -r line; do
-    if [ "$line" = "VMISO-$nonce TERM" ] && IFS= read -r pid <"$pidfile" && [ -n "$pid" ]; then
-      kill -TERM "$pid" 2>/dev/null
+    case $line in
+      "VMISO-$nonce TERM") sig=TERM ;;
+      "VMISO-$nonce SIG "[1-9] | "VMISO-$nonce SIG "[1-5][0-9] | "VMISO-$nonce SIG "6[0-4]) sig=${line##* } ;;
+      *) continue ;;
+    esac
+    if IFS= read -r pid <"$pidfile" && [ -n "$pid" ]; then
+      kill -"$sig" "$pid" 2>/dev/null
     fi
   done <"$out"
 }
