@@ -112,6 +112,27 @@ def test_kill_asks_the_task_to_stop_with_sigterm_first(iso, cid):
     iso.destroy(cid)
 
 
+def test_kill_sends_the_tasks_own_stop_signal(iso, cid):
+    """With a stop signal (docker's --stop-signal) the request names it, the wrapper sends it, and
+    the task ends on its own terms as with SIGTERM. Short sleeps: busybox's sh runs a trap only
+    once its foreground child has ended."""
+    script = ('trap "echo got-quit; exit 7" QUIT; trap "echo got-term; exit 8" TERM; echo ready; '
+              'while :; do sleep 0.1; done')
+    iso.launch(cid, TaskSpec.shell(script, stop_signal="SIGQUIT"))
+    wait_for_stdout(iso, cid, b"ready\n")
+    termination = iso.kill(cid, grace=10)
+    assert (termination.state, termination.reason, termination.exit_code) == ("KILLED", "destroyed", 7)
+    with open(os.path.join(iso.workdir.containers, cid, "stdout"), "rb") as f:
+        out = f.read()
+    assert b"ready\ngot-quit\n" in out and b"got-term" not in out
+    iso.destroy(cid)
+    # Without one, the same task gets SIGTERM, as it always did.
+    iso.launch(cid, TaskSpec.shell(script))
+    wait_for_stdout(iso, cid, b"ready\n")
+    assert iso.kill(cid, grace=10).exit_code == 8
+    iso.destroy(cid)
+
+
 def test_kill_of_a_task_that_ignores_sigterm_stops_the_vm_after_the_grace(iso, cid):
     iso.launch(cid, TaskSpec.shell('trap "" TERM; echo ready; while :; do sleep 1; done'))
     wait_for_stdout(iso, cid, b"ready\n")

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.system, pytest.mark.oci]
 
 IMAGE_CACHE = Workdir(os.environ.get("VMISO_TEST_WORKDIR", "/var/lib/vmiso")).test_images
 BUSYBOX = "vmiso-test/busybox:1"
+BUSYBOX_QUIT = "vmiso-test/busybox-quit:1"  # the same image, StopSignal SIGQUIT
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,19 @@ def test_kill_timeout_and_usage_as_for_micro(busybox, iso, cid):
     iso.destroy(cid)
     proc = run("--name", cid, "--timeout", "1", busybox, "sleep", "30")
     assert proc.returncode == 124
+
+
+def test_the_images_stop_signal_unless_the_run_names_one(workdir, busybox, iso, cid):
+    """An image's StopSignal is what a stop sends (here the timeout's), as docker's; the run's
+    --stop-signal wins over it. The image without one still gets SIGTERM."""
+    layout = oci.busybox_image(IMAGE_CACHE, stop_signal="SIGQUIT")
+    importer.import_path(workdir, f"{layout}:1", names=[BUSYBOX_QUIT])
+    script = ('trap "echo got-quit; exit 7" QUIT; trap "echo got-term; exit 8" TERM; echo ready; '
+              'while :; do sleep 0.1; done')
+    for image, flags, said in ((BUSYBOX_QUIT, [], b"got-quit"), (BUSYBOX_QUIT, ["--stop-signal", "TERM"], b"got-term"),
+                               (busybox, [], b"got-term")):
+        proc = run("--name", cid, "--timeout", "3", *flags, image, "sh", "-c", script)
+        assert (proc.returncode, proc.stdout) == (124, b"ready\n" + said + b"\n"), (image, flags, proc.stderr)
 
 
 # Run with the image's busybox (its own applets only): one line per entry, tab-separated.

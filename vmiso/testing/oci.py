@@ -190,10 +190,12 @@ def _sha(path):
 BUSYBOX = "/bin/busybox"
 
 
-def busybox_image(cache):
+def busybox_image(cache, stop_signal=None):
     """An OCI layout (tag ``1``) of busybox-static in three layers: the binary and its applet
-    links; /etc; then a deletion and a change. Entrypoint none, Cmd ``sh``. Its path."""
-    key = "busybox-" + hashlib.sha256(f"1:{_sha(BUSYBOX)}".encode()).hexdigest()[:16]
+    links; /etc; then a deletion and a change. Entrypoint none, Cmd ``sh``; ``stop_signal``: its
+    config's StopSignal (none by default). Its path."""
+    variant = "" if stop_signal is None else f":{stop_signal}"
+    key = "busybox-" + hashlib.sha256(f"1:{_sha(BUSYBOX)}{variant}".encode()).hexdigest()[:16]
 
     def build(out):
         binary = Path(BUSYBOX).read_bytes()
@@ -206,8 +208,10 @@ def busybox_image(cache):
                   Entry("home", "dir"), Entry("home/app", "dir", mode=0o750, uid=1000, gid=1000),
                   Entry("tmp", "dir", mode=0o1777)]
         third = [Entry("etc/.wh.motd", data=b""), Entry("etc/hostname", data=b"busybox\n")]
-        write_layout(out, [layer(first), layer(second), layer(third)], tag="1",
-                     run_config={"Cmd": ["sh"], "Env": ["PATH=/bin", "IMAGE=busybox"], "WorkingDir": "/home/app"})
+        run_config = {"Cmd": ["sh"], "Env": ["PATH=/bin", "IMAGE=busybox"], "WorkingDir": "/home/app"}
+        if stop_signal is not None:
+            run_config["StopSignal"] = stop_signal
+        write_layout(out, [layer(first), layer(second), layer(third)], tag="1", run_config=run_config)
 
     return _cached(cache, key, build)
 
