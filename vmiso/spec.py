@@ -167,11 +167,12 @@ class Volume:
 
 def _volumes(volumes, sandbox):
     """The volumes as a tuple of Volume (``(host, guest[, readonly])`` tuples accepted), the
-    sandbox's last; no GUEST twice."""
+    sandbox's last; no GUEST twice. Idempotent: the volumes of a TaskSpec hold its sandbox
+    already, and ``dataclasses.replace`` of one runs this again."""
     if isinstance(volumes, (str, bytes, Volume)):
         raise InvalidSpec("volumes", "must be a list of vmiso.Volume")
     out = tuple(v if isinstance(v, Volume) else Volume(*v) for v in volumes)
-    if sandbox is not None:
+    if sandbox is not None and Volume(sandbox, MESOS_SANDBOX) not in out:
         out += (Volume(sandbox, MESOS_SANDBOX),)
     if len(out) > MAX_VOLUMES:
         raise InvalidSpec("volumes", f"{len(out)} volumes; at most {MAX_VOLUMES}")

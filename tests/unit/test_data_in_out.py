@@ -116,6 +116,19 @@ def test_sandbox_is_a_volume_the_env_and_the_default_workdir():
     assert TaskSpec(["true"], sandbox="/s", workdir="/tmp").workdir == "/tmp"
 
 
+def test_a_spec_with_a_sandbox_can_be_replaced():
+    """dataclasses.replace runs __post_init__ again (the agent resizes a spec inside a Slurm
+    job so): the sandbox stays one volume, not a second one refused as "given twice"."""
+    import dataclasses
+
+    from vmiso import Resources
+
+    spec = TaskSpec(["true"], sandbox="/var/sandbox/x", volumes=[("/data", "/in")])
+    resized = dataclasses.replace(spec, resources=Resources(cpus=2, mem_mib=512))
+    assert resized.volumes == spec.volumes == (Volume("/data", "/in"), Volume("/var/sandbox/x", MESOS_SANDBOX))
+    assert resized.env == spec.env and resized.workdir == MESOS_SANDBOX
+
+
 def test_stdin_takes_bytes_paths_and_file_objects(tmp_path):
     assert TaskSpec(["cat"], stdin=bytearray(b"ab")).stdin == b"ab"
     assert TaskSpec(["cat"], stdin=tmp_path).stdin == tmp_path
