@@ -127,7 +127,7 @@ def test_the_images_stop_signal_unless_the_run_names_one(workdir, busybox, iso, 
               'while :; do sleep 0.1; done')
     for image, flags, said in ((BUSYBOX_QUIT, [], b"got-quit"), (BUSYBOX_QUIT, ["--stop-signal", "TERM"], b"got-term"),
                                (busybox, [], b"got-term")):
-        proc = run("--name", cid, "--timeout", "3", *flags, image, "sh", "-c", script)
+        proc = run("--name", cid, "--timeout", "5", *flags, image, "sh", "-c", script)  # ready well before
         assert (proc.returncode, proc.stdout) == (124, b"ready\n" + said + b"\n"), (image, flags, proc.stderr)
 
 
