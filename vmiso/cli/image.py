@@ -42,10 +42,11 @@ def register(sub):
     ls.set_defaults(func=list_images)
     r = isub.add_parser("rm", help="remove a name, or an image and all its names",
                         description="Remove NAME; the image goes with its last name. With an id (or 12+ digits "
-                                    "of it) remove the image and all its names. Refused while a container uses it.")
+                                    "of it) remove the image and all its names. Refused while a container or a "
+                                    "pool's warm VM uses it.")
     r.add_argument("ref", metavar="NAME|ID")
     r.set_defaults(func=rm)
-    g = isub.add_parser("gc", help="remove unnamed images and old micro builds no container uses")
+    g = isub.add_parser("gc", help="remove unnamed images and old micro builds no container or warm VM uses")
     g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     g.set_defaults(func=gc)
 
