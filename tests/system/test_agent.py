@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from vmiso.agent.client import connect_unix
 from vmiso.testing.agentd import (
     agent_workdir,
     destroy_everything,
@@ -322,9 +323,8 @@ sys.stdin.read()
 
 
 def raw_request(path, data, read=True):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = connect_unix(path, 30)  # waits while the flood fills the agent's queue, as the client does
     s.settimeout(30)
-    s.connect(path)
     try:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)

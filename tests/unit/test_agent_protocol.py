@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from vmiso import errors
-from vmiso.agent import protocol
+from vmiso.agent import client, protocol
+from vmiso.agent.client import RemoteIsolator, connect_unix
 from vmiso.agent.policy import Policy
 from vmiso.agent.server import Agent
 from vmiso.spec import NetworkSpec, RateLimit, Resources, TaskSpec, Volume
@@ -177,3 +178,50 @@ def test_malformed_requests_are_answered_and_reach_nothing(agent, raw, status, k
 def test_garbage_and_overlong_lines_get_an_http_error(agent):
     assert ask(agent, b"\x00\x01\x02 nonsense\r\n\r\n")[0] == 400
     assert ask(agent, b"GET /v1/info HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n")[0] == 431
+
+
+def full_listener(path):
+    """A listening socket that accepts nothing, with its queue already full (backlog 0 holds one)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    while True:  # fill the queue whatever the kernel's rounding of the backlog
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return listener, queued
+        queued.append(s)
+
+
+def test_a_client_waits_for_room_in_a_full_queue_instead_of_failing(tmp_path):
+    # An agent flooded with connections has a full accept queue for a moment: a client must wait
+    # for room, not fail at once with EAGAIN (what a socket with a Python timeout does).
+    path = str(tmp_path / "agent.sock")
+    listener, queued = full_listener(path)
+    drained = []
+    threading.Timer(0.3, lambda: drained.append(listener.accept())).start()
+    sock = connect_unix(path, 10)
+    try:
+        assert drained, "connected before the queue had room"
+        assert sock.getblocking() and sock.gettimeout() is None  # a wait lasts as long as the task
+    finally:
+        for s in [sock, listener, *queued, *(conn for conn, _ in drained)]:
+            s.close()
+
+
+def test_a_queue_full_for_the_whole_timeout_is_a_clear_host_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(client, "CONNECT_TIMEOUT_S", 0.2)
+    path = str(tmp_path / "agent.sock")
+    listener, queued = full_listener(path)
+    try:
+        with pytest.raises(BlockingIOError):
+            connect_unix(path, 0.2)
+        with pytest.raises(errors.HostError, match="took no new connection .*queue is full"):
+            RemoteIsolator(path).info()
+    finally:
+        for s in [listener, *queued]:
+            s.close()

@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode
@@ -24,6 +25,25 @@ MAX_BODY = 64 << 20  # a listing of every container with its status, with room t
 STDIN_CHUNK = 256 * 1024
 
 _HELD = []  # the in-process command's shared lock on the work dir (presence.py); held until exit
+
+
+def connect_unix(path, timeout):
+    """A blocking unix stream socket connected to ``path``. Linux makes a blocking connect to a
+    listener whose queue is full (an agent under a flood of connections) wait for room, up to
+    SO_SNDTIMEO, then fail with EAGAIN; a socket with a Python timeout is non-blocking and fails
+    at once. SO_SNDTIMEO is cleared once connected: a wait or a followed output lasts as long as
+    the task, and stdin is sent at the task's pace."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        seconds = int(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
+        sock.connect(path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def route(workdir, socket_path=None):
@@ -112,18 +132,16 @@ class RemoteIsolator:
     # --- the wire -------------------------------------------------------------------------------
     def _open(self, method, path, body=None, upgrade=None):
         """Send one request; return (status, headers, reader, socket) of its answer."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(CONNECT_TIMEOUT_S)
         try:
-            sock.connect(self.socket_path)
+            sock = connect_unix(self.socket_path, CONNECT_TIMEOUT_S)
         except (FileNotFoundError, ConnectionRefusedError) as err:
-            sock.close()
             raise HostError(f"no vmiso agent answers at {self.socket_path} ({err.strerror}): ordinary users run "
                             f"vmiso through the agent root starts ('vmiso agent'; docs/operations.md)") from None
+        except BlockingIOError:
+            raise HostError(f"the vmiso agent at {self.socket_path} took no new connection for "
+                            f"{CONNECT_TIMEOUT_S:g} s (its queue is full): try again") from None
         except OSError as err:
-            sock.close()
             raise HostError(f"cannot reach the vmiso agent at {self.socket_path}: {err.strerror}") from None
-        sock.settimeout(None)  # a wait or a followed output lasts as long as the task
         data = b"" if body is None else json.dumps(body).encode()
         head = [f"{method} {protocol.API}{path} HTTP/1.1", "Host: vmiso", f"Content-Length: {len(data)}"]
         if upgrade:
