@@ -87,6 +87,16 @@ listen_for_stop() {
 listen_for_stop &
 listener=$!
 
+# report_exit CODE: the exit line, the last bytes of the task channel. The listener is killed
+# and reaped first: busybox's sh catches SIGCHLD without SA_RESTART, so a child that ends while
+# the line is being written interrupts the write (EINTR) and the line is lost without a word.
+# SIGKILL, because an ignored SIGTERM is inherited and "wait" would then never return.
+report_exit() {
+  kill -KILL "$listener" 2>/dev/null
+  wait "$listener" 2>/dev/null
+  printf 'VMISO-%s EXIT %d\n' "$nonce" "$1" >"$out"
+}
+
 ready=yes
 if [ -n "$image_root" ]; then
   mkdir -p "$image_root" && mount -t ext4 /dev/vda "$image_root" 2>"$err" || ready=no
@@ -109,8 +119,7 @@ else
   code=126
 fi
 : >"$pidfile"  # the task is gone: a late stop request must not hit a reused pid
-kill "$listener" 2>/dev/null
-printf 'VMISO-%s EXIT %d\n' "$nonce" "$code" >"$out"
+report_exit "$code"
 # stty applies its settings with TCSADRAIN: it returns once both ports have sent every byte.
 stty -F "$out" raw 2>/dev/null
 stty -F "$err" raw 2>/dev/null
