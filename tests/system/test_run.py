@@ -21,8 +21,10 @@ def container_dir(workdir, cid):
     return os.path.join(workdir, "containers", cid)
 
 
-def test_output_streams_and_exit_code(workdir, cid):
-    proc = vmiso_cli("run", "--name", cid, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+@pytest.mark.parametrize("flags", [[], ["--rm"]], ids=["default", "docker-rm"])
+def test_output_streams_and_exit_code(workdir, cid, flags):
+    """...and the VM's files are gone afterwards, with or without docker's --rm (the default)."""
+    proc = vmiso_cli("run", *flags, "--name", cid, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == b"out\n"
     assert proc.stderr == b"err\n"

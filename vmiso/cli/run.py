@@ -68,7 +68,11 @@ def register(sub):
                    help="a NIC on BRIDGE (also mac=MAC, inbound=/outbound=AVG[:PEAK[:BURST]] in KB/s); "
                         "the address is allocated from the bridge's subnet unless ip= is given")
     p.add_argument("--name", help="container id (default: slurm-<job>.<step> in a Slurm job, else a random one)")
-    p.add_argument("-d", "--detach", action="store_true", help="print the container id and return at once")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="print the container id and return at once; the container stays until 'vmiso rm'")
+    p.add_argument("--rm", action="store_true",
+                   help="remove the VM and its files when the task ends: what a run without -d always does "
+                        "(accepted for docker's habit; refused with -d)")
     p.add_argument("--json", action="store_true", help="with -d: print the status as JSON")
     terminal.add_raw_flag(p)
     # REMAINDER: everything from CMD on belongs to the task, options included (as docker run).
@@ -130,6 +134,9 @@ def _network(args):
 def run(args):
     if args.detach and args.interactive:  # the copy into the guest lives in this process
         raise InvalidSpec("stdin", "-i streams this process's stdin to the task: it cannot be used with -d")
+    if args.detach and args.rm:  # nothing stays to remove it when it ends
+        raise InvalidSpec("rm", "--rm cannot be used with -d: a detached container stays until 'vmiso rm' "
+                                "(a run without -d removes its VM when the task ends)")
     spec = spec_from_args(args)
     if args.name is not None:  # like the spec, before any agent or work dir is asked
         validate_container_id(args.name)
