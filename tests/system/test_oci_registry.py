@@ -78,6 +78,25 @@ def test_layer_cache_survives_rm_and_a_pull_builds_again_without_fetching(regist
     assert layer_gets(registry, "rebuild/busybox", image) == [1, 1, 1]
 
 
+def test_image_gc_removes_the_blobs_only_a_removed_image_came_from(registry, work, tmp_path):
+    base = [layer([Entry("a", data=os.urandom(4096))])]
+    oci.write_layout(tmp_path / "one", base + [layer([Entry("one", data=b"1")])], tag="1")
+    oci.write_layout(tmp_path / "two", base + [layer([Entry("two", data=b"2")])], tag="1")
+    one_ref = registry.push(tmp_path / "one", "1", "gc/one:1")
+    two_ref = registry.push(tmp_path / "two", "1", "gc/two:1")
+    one, two = importer.pull(work, one_ref).image, importer.pull(work, two_ref).image
+    store.rm(work, two_ref)
+    assert set(cache.blobs(work)) == cache.referenced([one]) | cache.referenced([two])  # rm keeps them
+    dry = cli(work, "gc", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("would remove blob ") == 3, dry.stdout
+    done = cli(work, "gc")
+    assert done.returncode == 0 and done.stdout.count("removed blob ") == 3, done.stdout
+    assert set(cache.blobs(work)) == cache.referenced([one])  # the shared layer stays with one
+    assert importer.pull(work, one_ref).fetched_layers == 0
+    again = importer.pull(work, two_ref)  # fetches its own layer again, not the shared one
+    assert again.fetched_layers == 1 and layer_gets(registry, "gc/two", again.image) == [0, 2]
+
+
 def test_cli_pull_names_lists_and_is_quiet_without_a_terminal(registry, busybox, work):
     ref = registry.push(busybox, "1", "cli/busybox:1")
     done = cli(work, "pull", ref, "--json")

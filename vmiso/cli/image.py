@@ -46,7 +46,12 @@ def register(sub):
                                     "pool's warm VM uses it.")
     r.add_argument("ref", metavar="NAME|ID")
     r.set_defaults(func=rm)
-    g = isub.add_parser("gc", help="remove unnamed images and old micro builds no container or warm VM uses")
+    g = isub.add_parser("gc", help="remove unnamed images and old micro builds no container or warm VM uses",
+                        description="Remove what no container, warm VM or name needs: unnamed stored images and "
+                                    "old micro builds no container or warm VM uses, lean kernels no micro build "
+                                    "was made from, names of removed images, the layer cache's blobs no stored "
+                                    "container image came from (pulling a removed image again fetches them "
+                                    "again), and what a killed add, build or transfer left.")
     g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     g.set_defaults(func=gc)
 
@@ -240,7 +245,7 @@ def gc(args):
     found = store.gc(args.workdir, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for c in found:
-        ident = c.id[:12] if c.kind in ("store", "micro", "kernel") else c.id
+        ident = c.id[:12] if c.kind in ("store", "micro", "kernel", "blob") else c.id
         print(f"{verb} {c.kind} {ident}  {_size(c.bytes)}  {c.path}")
     total = sum(c.bytes for c in found)
     print(f"{verb} {len(found)} item(s), {_size(total)} on disk")

@@ -1,6 +1,7 @@
 """What ``vmiso image gc`` may remove, as each image component reports it: the store (store.py),
 micro builds (micro.py) and lean kernels (lean.py) each say what of their own layout is garbage
-(their ``collectable`` functions), and store.gc() removes what they return."""
+(their ``collectable`` functions), and store.gc() removes what they return; the layer cache
+(oci/cache.py) collects its own blobs under its lock, after the store's."""
 import os
 import re
 import time
@@ -14,7 +15,9 @@ STALE_SECONDS = 3600  # no add, build or removal takes that long: older leftover
 
 @dataclass(frozen=True)
 class Collected:
-    kind: str  # "store", "micro", "kernel", "name" (dangling) or "partial" (a killed add's leftovers)
+    # "store", "micro", "kernel", "blob" (the layer cache's), "name" (dangling) or "partial" (what
+    # a killed add or transfer left)
+    kind: str
     id: str
     path: str
     bytes: int

@@ -42,6 +42,7 @@ from ..errors import ImageError, InUse, InvalidSpec, NotFound, UnsafeImage
 from ..paths import HostCache, Workdir
 from . import garbage, inuse, lean, micro, qcow2
 from .garbage import Collected
+from .oci import cache as oci_cache
 from .oci import reference
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -526,7 +527,8 @@ def gc(workdir, dry_run=False, cache=None):
     """Remove what each image component says is garbage: unnamed stored bases and old micro
     builds that no live container uses, lean kernels of the host ``cache`` (a HostCache or its
     path, default HostCache()) that no micro build of any work dir using it was made from, names
-    that point at nothing, and what killed adds left. Returns what was (or would be) removed."""
+    that point at nothing, what killed adds left, and the layer cache's blobs that no container
+    image left in the store came from. Returns what was (or would be) removed."""
     root = _root(workdir)
     if not Workdir(root).images.is_dir():
         return []
@@ -539,6 +541,12 @@ def gc(workdir, dry_run=False, cache=None):
         found = collectable(root, names, used) + builds + lean.collectable(HostCache.of(cache).kernels, kept)
         if not dry_run:
             _collect(root, names, found)
+    # After the store's lock is released: an import takes the layer cache's lock, then the
+    # store's. What this gc removed is gone from the store, so its blobs go now too (a dry
+    # run counts the images it would remove as gone).
+    removed = {c.id for c in found if c.kind == "store"}
+    found += oci_cache.collect(root, lambda: oci_cache.referenced(
+        [image for image in list_images(root) if image.sha256 not in removed]), dry_run)
     return found
 
 

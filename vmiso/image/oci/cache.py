@@ -5,6 +5,9 @@ holds already, so a second pull of the same or an overlapping image fetches only
 Each transfer runs in a ``session``: it holds the cache's lock (one transfer at a time, and no
 other process removes a blob while an import reads it), and when the import fails, whatever
 it added (blobs, the index entry) is removed again, so a refused image leaves nothing here.
+
+Blobs outlive ``vmiso image rm`` (pulling the image again then fetches nothing); ``collect``
+(``vmiso image gc``) removes those that no stored container image names.
 """
 import contextlib
 import json
@@ -15,6 +18,7 @@ from pathlib import Path
 from ... import files
 from ...errors import ImageError
 from ...paths import Workdir
+from ..garbage import Collected
 
 TAG = "vmiso-import"  # the one index entry skopeo rewrites on every transfer
 _TEMP_PREFIX = "oci-put-blob"  # what skopeo writes a blob to before renaming it into blobs/
@@ -114,3 +118,62 @@ def blobs(root):
         return {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(directory)}
     except FileNotFoundError:
         return {}
+
+
+def referenced(images):
+    """The hex digests of the blobs stored ``images`` (store.Image) came from: each container
+    image's manifest, config and layers."""
+    keep = set()
+    for image in images:
+        oci = image.oci or {}
+        for digest in [oci.get("manifest_digest"), oci.get("config_digest"), *oci.get("layers", ())]:
+            if isinstance(digest, str) and digest.startswith("sha256:"):
+                keep.add(digest.partition(":")[2])
+    return keep
+
+
+def collect(root, referenced_now, dry_run=False):
+    """gc of the layer cache of work directory ``root``: the blobs not in ``referenced_now()``
+    (hex digests; called with the cache's lock held, so an import, which holds the lock until its
+    image is stored, is either stored and counted or not begun), the index entries naming them,
+    and what a killed transfer left. Returns the Collected; removes them unless ``dry_run``."""
+    directory = cache_dir(root)
+    layout = directory / "layout"
+    if not (layout / "oci-layout").is_file():
+        return []
+    with files.locked(directory):
+        keep = referenced_now()
+        blobs_dir = layout / "blobs" / "sha256"
+        found = [Collected("blob", e.name, e.path, e.stat(follow_symlinks=False).st_blocks * 512)
+                 for e in sorted(os.scandir(blobs_dir), key=lambda e: e.name)
+                 if e.name not in keep and e.is_file(follow_symlinks=False)]
+        found += [Collected("partial", e.name, e.path, _disk_bytes(e))
+                  for e in os.scandir(layout) if e.name.startswith(_TEMP_PREFIX)]
+        if not dry_run and found:
+            _drop_index_entries(layout, keep)
+            for c in found:
+                if c.kind == "blob":
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(c.path)
+            _sweep(layout)
+    return found
+
+
+def _drop_index_entries(layout, keep):
+    """Keep only the index entries whose manifest stays (the last transfer's tag, typically)."""
+    path = layout / "index.json"
+    try:
+        index = json.loads(path.read_bytes())
+        entries = index["manifests"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # skopeo rewrites a damaged index on the next transfer
+    kept = [m for m in entries if isinstance(m, dict) and str(m.get("digest", "")).partition(":")[2] in keep]
+    if len(kept) != len(entries):
+        index["manifests"] = kept
+        files.write_atomic(path, json.dumps(index).encode(), 0o644)
+
+
+def _disk_bytes(entry):
+    if entry.is_dir(follow_symlinks=False):
+        return files.disk_bytes(entry.path)
+    return entry.stat(follow_symlinks=False).st_blocks * 512
