@@ -521,6 +521,13 @@ def test_cli_add_list_rm_gc(work, base):
     proc = cli(work, "rm", "deb")
     assert proc.returncode == 0 and "deleted" in proc.stdout
     assert json.loads(cli(work, "list", "--json").stdout) == []
+    unnamed = json.loads(cli(work, "add", base, "--json").stdout)["sha256"]
+    dry = json.loads(cli(work, "gc", "--dry-run", "--json").stdout)
+    assert dry["dry_run"] and [(c["kind"], c["id"]) for c in dry["removed"]] == [("store", unnamed)]
+    assert dry["bytes"] == dry["removed"][0]["bytes"] > 0 and len(json.loads(cli(work, "list", "--json").stdout)) == 1
+    done = json.loads(cli(work, "gc", "--json").stdout)
+    assert not done["dry_run"] and [c["id"] for c in done["removed"]] == [unnamed]
+    assert json.loads(cli(work, "list", "--json").stdout) == []
 
 
 @pytest.mark.parametrize("args,needle", [

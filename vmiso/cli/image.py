@@ -1,5 +1,6 @@
 """``vmiso image``: build the micro guest; add, import, pull, list, remove and collect stored base images."""
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -53,6 +54,8 @@ def register(sub):
                                     "container image came from (pulling a removed image again fetches them "
                                     "again), and what a killed add, build or transfer left.")
     g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    g.add_argument("--json", action="store_true",
+                   help="print what was (or would be) removed as JSON: kind, id, path and bytes of each")
     g.set_defaults(func=gc)
 
 
@@ -243,6 +246,10 @@ def gc(args):
     from ..image import store
 
     found = store.gc(args.workdir, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "bytes": sum(c.bytes for c in found),
+                          "removed": [dataclasses.asdict(c) for c in found]}, indent=2))
+        return 0
     verb = "would remove" if args.dry_run else "removed"
     for c in found:
         ident = c.id[:12] if c.kind in ("store", "micro", "kernel", "blob") else c.id
