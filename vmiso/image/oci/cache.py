@@ -121,8 +121,8 @@ def blobs(root):
 
 
 def referenced(images):
-    """The hex digests of the blobs stored ``images`` (store.Image) came from: each container
-    image's manifest, config and layers."""
+    """The hex digests of the blobs stored ``images`` (store.StoredImage) came from: each
+    container image's manifest, config and layers (a disk or micro image has none)."""
     keep = set()
     for image in images:
         oci = image.oci or {}
@@ -143,9 +143,9 @@ def collect(root, referenced_now, dry_run=False):
         return []
     with files.locked(directory):
         keep = referenced_now()
-        blobs_dir = layout / "blobs" / "sha256"
+        _ensure_layout(layout)
         found = [Collected("blob", e.name, e.path, e.stat(follow_symlinks=False).st_blocks * 512)
-                 for e in sorted(os.scandir(blobs_dir), key=lambda e: e.name)
+                 for e in sorted(os.scandir(layout / "blobs" / "sha256"), key=lambda e: e.name)
                  if e.name not in keep and e.is_file(follow_symlinks=False)]
         found += [Collected("partial", e.name, e.path, _disk_bytes(e))
                   for e in os.scandir(layout) if e.name.startswith(_TEMP_PREFIX)]
