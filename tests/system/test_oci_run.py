@@ -94,7 +94,12 @@ def test_entrypoint_replaces_the_images(busybox, cid):
 def test_the_task_sees_the_image_and_a_runtimes_additions_only(busybox, cid):
     script = ("ls -1 / | busybox tr '\\n' ' '; echo; cat /etc/hostname; busybox grep -c localhost /etc/hosts; "
               "ls -1d /proc/self /dev/null /tmp; "
-              "busybox cut -d' ' -f2 /proc/mounts | busybox sort | busybox tr '\\n' ' '")
+              "busybox cut -d' ' -f2 /proc/mounts | busybox sort | busybox tr '\\n' ' '; echo; "
+              "ls -A /dev | busybox tr '\\n' ' '; echo; "
+              "ls -l /dev/null /dev/zero /dev/full /dev/random /dev/urandom /dev/tty | busybox cut -c1-10 | "
+              "busybox uniq | busybox tr '\\n' ' '; echo; "
+              "busybox head -c 5 /dev/zero | busybox wc -c; "
+              "echo x >/dev/null && busybox readlink /dev/fd && busybox readlink /dev/ptmx")
     proc = run("--name", cid, busybox, "sh", "-c", script)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.decode().split("\n")
@@ -102,6 +107,12 @@ def test_the_task_sees_the_image_and_a_runtimes_additions_only(busybox, cid):
     assert lines[1] == cid and lines[2] == "2"
     assert sorted(lines[3:6]) == ["/dev/null", "/proc/self", "/tmp"]
     assert "vmiso" not in proc.stdout.decode() and "/run" not in lines[6]
+    # A /dev of its own, as docker's: none of the VM's disks (the image's root, the seed), serial
+    # or virtio ports; the character devices every program expects, usable by any user.
+    assert set(lines[7].split()) == {"fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+                                     "stdout", "tty", "urandom", "zero"}
+    assert lines[8].split() == ["crw-rw-rw-"]
+    assert lines[9:12] == ["5", "/proc/self/fd", "pts/ptmx"]
 
 
 def test_kill_timeout_and_usage_as_for_micro(busybox, iso, cid):

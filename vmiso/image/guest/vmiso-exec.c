@@ -10,10 +10,10 @@
  * listener signals that pid; it stays the task's through the exec), then chroots into ROOT, so
  * that every path below is the image's own and a symlink planted by the image resolves inside
  * it, never into vmiso's files; then it adds what a container runtime adds (/proc, /sys
- * read-only, /dev with pts and shm, a /tmp, /etc/hostname and /etc/hosts), takes the task's user
- * (supplementary GROUPS: comma-separated numbers, or "-" for none), changes to the working
- * directory (created, as root, if missing) and execs the argv with exactly the task's
- * environment (HOSTNAME added when it has none, as docker does; nothing of the wrapper's),
+ * read-only, a /dev of its own with pts and shm, a /tmp, /etc/hostname and /etc/hosts), takes
+ * the task's user (supplementary GROUPS: comma-separated numbers, or "-" for none), changes to
+ * the working directory (created, as root, if missing) and execs the argv with exactly the
+ * task's environment (HOSTNAME added when it has none, as docker does; nothing of the wrapper's),
  * finding the command in the task's PATH. ADDRESS is the guest's IPv4 address, or "-";
  * DNS its name servers for /etc/resolv.conf (comma-separated), or "-" to keep the image's file.
  *
@@ -31,6 +31,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -118,13 +119,40 @@ static void resolv_conf(const char *dns)
     write_file("/etc/resolv.conf", text);
 }
 
+/* The task's /dev, as a container runtime makes it: a tmpfs with the devices every program
+ * expects, never the VM's devtmpfs, whose disks (the image's root, the seed), serial ports and
+ * virtio ports are vmiso's, not the task's. */
+static void dev_tree(void)
+{
+    static const struct { const char *name; unsigned major, minor; } nodes[] = {
+        {"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0},
+    };
+    static const struct { const char *name, *target; } links[] = {
+        {"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"}, {"stdout", "/proc/self/fd/1"},
+        {"stderr", "/proc/self/fd/2"}, {"ptmx", "pts/ptmx"},
+    };
+    char path[64];
+    mount_at("tmpfs", "/dev", MS_NOSUID, "mode=0755,size=65536k", 0755);
+    for (size_t i = 0; i < sizeof nodes / sizeof *nodes; i++) {
+        snprintf(path, sizeof path, "/dev/%s", nodes[i].name);
+        /* chmod, not the mode argument: the wrapper's umask would take the others' write bit */
+        if (mknod(path, S_IFCHR | 0600, makedev(nodes[i].major, nodes[i].minor)) || chmod(path, 0666))
+            die(126, "cannot create", path);
+    }
+    for (size_t i = 0; i < sizeof links / sizeof *links; i++) {
+        snprintf(path, sizeof path, "/dev/%s", links[i].name);
+        if (symlink(links[i].target, path))
+            die(126, "cannot create", path);
+    }
+}
+
 static void runtime_files(const char *hostname, const char *address, const char *dns)
 {
     const unsigned long nodev = MS_NOSUID | MS_NODEV, noexec = MS_NOSUID | MS_NODEV | MS_NOEXEC;
     mount_at("proc", "/proc", noexec, NULL, 0555);
     mount_at("sysfs", "/sys", noexec | MS_RDONLY, NULL, 0555);
-    mount_at("devtmpfs", "/dev", MS_NOSUID, "mode=0755", 0755);
-    mount_at("devpts", "/dev/pts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666", 0755);
+    dev_tree();
+    mount_at("devpts", "/dev/pts", MS_NOSUID | MS_NOEXEC, "newinstance,mode=0620,ptmxmode=0666", 0755);
     mount_at("tmpfs", "/dev/shm", nodev, "mode=1777", 01777);
     mount_at("tmpfs", "/tmp", nodev, "mode=1777", 01777);
     make_dirs("/etc", 0755);
