@@ -88,19 +88,26 @@ def stamp(st):
 
 
 @contextlib.contextmanager
-def flocked(lock_path, shared=False):
-    """Hold an flock on the file ``lock_path`` (made if missing, never through a symlink)."""
+def flocked(lock_path, shared=False, on_wait=None):
+    """Hold an flock on the file ``lock_path`` (made if missing, never through a symlink).
+    ``on_wait()`` is called once before blocking, when another process holds it (to say why
+    nothing happens)."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, mode | (fcntl.LOCK_NB if on_wait is not None else 0))
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(fd, mode)
         yield
     finally:
         os.close(fd)
 
 
-def locked(directory):
-    """Hold the exclusive lock of ``directory`` (its file ``.lock``)."""
-    return flocked(Path(directory) / ".lock")
+def locked(directory, on_wait=None):
+    """Hold the exclusive lock of ``directory`` (its file ``.lock``); ``on_wait`` as flocked's."""
+    return flocked(Path(directory) / ".lock", on_wait=on_wait)
 
 
 def _files(path):

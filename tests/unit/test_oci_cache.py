@@ -90,3 +90,18 @@ def test_no_cache_is_nothing_to_collect(tmp_path):
 def test_only_sha256_digests_of_container_images_count():
     images = [SimpleNamespace(oci=None), SimpleNamespace(oci={"manifest_digest": "sha256:aa", "layers": ["md5:bb"]})]
     assert cache.referenced(images) == {"aa"}
+
+
+def test_gc_says_it_waits_for_a_transfer_in_progress_then_collects(tmp_path):
+    import fcntl
+    import threading
+
+    layout, (one, _two) = two_images(tmp_path)
+    fd = os.open(cache.cache_dir(tmp_path) / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a pull in progress holds the cache
+    said = []
+    threading.Timer(0.3, os.close, args=(fd,)).start()  # ...and ends
+    found = cache.collect(tmp_path, lambda: cache.referenced([one]), on_wait=lambda: said.append("waiting"))
+    assert said == ["waiting"] and len(found) == 3
+    assert cache.collect(tmp_path, lambda: cache.referenced([one]), on_wait=lambda: said.append("again")) == []
+    assert said == ["waiting"]  # a free cache: no word

@@ -114,7 +114,8 @@ class _OciProgress:
     def __call__(self, phase, number, nbytes, layers):
         if not self.tty:
             return
-        text = {"fetch": f"fetching: {number} new layer(s) of {layers}, {nbytes / (1 << 20):.1f} MiB",
+        text = {"wait": "waiting for the pull or import in progress (it holds the layer cache)",
+                "fetch": f"fetching: {number} new layer(s) of {layers}, {nbytes / (1 << 20):.1f} MiB",
                 "apply": f"applying layer {number} of {layers} ({nbytes / (1 << 20):.1f} MiB so far)",
                 "mkfs": f"making the file system ({nbytes / (1 << 20):.1f} MiB of files)"}[phase]
         print(f"\r\x1b[Kvmiso: {text}", end="", file=sys.stderr, flush=True)
@@ -245,7 +246,9 @@ def rm(args):
 def gc(args):
     from ..image import store
 
-    found = store.gc(args.workdir, dry_run=args.dry_run)
+    found = store.gc(args.workdir, dry_run=args.dry_run, on_wait=lambda: print(
+        "vmiso: waiting for the image pull or import in progress (it holds the layer cache)", file=sys.stderr,
+        flush=True))
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "bytes": sum(c.bytes for c in found),
                           "removed": [dataclasses.asdict(c) for c in found]}, indent=2))

@@ -523,12 +523,13 @@ def collectable(workdir, names, used):
     return found + garbage.partials(store)
 
 
-def gc(workdir, dry_run=False, cache=None):
+def gc(workdir, dry_run=False, cache=None, on_wait=None):
     """Remove what each image component says is garbage: unnamed stored bases and old micro
     builds that no live container uses, lean kernels of the host ``cache`` (a HostCache or its
     path, default HostCache()) that no micro build of any work dir using it was made from, names
     that point at nothing, what killed adds left, and the layer cache's blobs that no container
-    image left in the store came from. Returns what was (or would be) removed."""
+    image left in the store came from. Returns what was (or would be) removed. ``on_wait()``: called
+    before waiting for a pull or import that holds the layer cache."""
     root = _root(workdir)
     if not Workdir(root).images.is_dir():
         return []
@@ -546,7 +547,7 @@ def gc(workdir, dry_run=False, cache=None):
     # run counts the images it would remove as gone).
     removed = {c.id for c in found if c.kind == "store"}
     found += oci_cache.collect(root, lambda: oci_cache.referenced(
-        [image for image in list_images(root) if image.sha256 not in removed]), dry_run)
+        [image for image in list_images(root) if image.sha256 not in removed]), dry_run, on_wait)
     return found
 
 

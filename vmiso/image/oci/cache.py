@@ -93,15 +93,16 @@ def _sweep(layout):
 
 
 @contextlib.contextmanager
-def session(root):
-    """Hold the layer cache of work directory ``root``; roll back what it gained on an error."""
+def session(root, on_wait=None):
+    """Hold the layer cache of work directory ``root``; roll back what it gained on an error.
+    ``on_wait()``: called before waiting for another transfer or gc that holds it."""
     directory = cache_dir(root)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)  # layers may hold secrets of their owners: root only
     except OSError as err:
         raise ImageError(directory, f"cannot create the layer cache: {err.strerror}") from err
-    with files.locked(directory):
+    with files.locked(directory, on_wait):
         _sweep(directory / "layout") if (directory / "layout").is_dir() else None
         current = Session(directory)
         try:
@@ -132,16 +133,17 @@ def referenced(images):
     return keep
 
 
-def collect(root, referenced_now, dry_run=False):
+def collect(root, referenced_now, dry_run=False, on_wait=None):
     """gc of the layer cache of work directory ``root``: the blobs not in ``referenced_now()``
     (hex digests; called with the cache's lock held, so an import, which holds the lock until its
     image is stored, is either stored and counted or not begun), the index entries naming them,
-    and what a killed transfer left. Returns the Collected; removes them unless ``dry_run``."""
+    and what a killed transfer left. Returns the Collected; removes them unless ``dry_run``.
+    ``on_wait()``: called before waiting for a transfer in progress."""
     directory = cache_dir(root)
     layout = directory / "layout"
     if not (layout / "oci-layout").is_file():
         return []
-    with files.locked(directory):
+    with files.locked(directory, on_wait):
         keep = referenced_now()
         _ensure_layout(layout)
         found = [Collected("blob", e.name, e.path, e.stat(follow_symlinks=False).st_blocks * 512)

@@ -163,7 +163,8 @@ def run_import(workdir, source, names, limits=None, progress=None):
     diff_ids = config["rootfs"]["diff_ids"]
     staged = store.staging(root)
     try:
-        with cache.session(root) as session:
+        waiting = None if progress is None else (lambda: progress("wait", 0, 0, len(diff_ids)))
+        with cache.session(root, waiting) as session:
             report = None if progress is None else (lambda n, b, total: progress("fetch", n, b, total))
             digest = transfer.copy(source, session, str(staged / "digest"), report, len(diff_ids))
             manifest = layout.read_manifest(session.layout, digest)
