@@ -243,6 +243,7 @@ def test_domain_has_9p_shares_and_the_stdin_port_on_the_root_bus():
     (["--env-file", "/nonexistent-vmiso"], "cannot read"),
     (["-i", "-d"], "cannot be used with -d"),
     (["--rm", "-d"], "--rm cannot be used with -d"),
+    (["-it"], "-t is refused: a task gets no terminal"),
 ])
 def test_bad_data_options_exit_125_with_one_line_and_make_nothing(tmp_path, argv, needle):
     work = tmp_path / "work"

@@ -62,6 +62,9 @@ def register(sub):
                    help="the same as -v, in docker's --mount form")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="stream this process's stdin to the task's stdin, EOF included (without -i it is empty)")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="refused, with the reason: a task has no terminal (its stdout and stderr are the VM's "
+                        "serial channels); -i alone streams stdin")
     p.add_argument("-w", "--workdir-in-guest", dest="guest_workdir", metavar="DIR",
                    help="working directory inside the guest (default /)")
     p.add_argument("--network", metavar="BRIDGE[,vlan=N][,ip=A.B.C.D/NN][,isolated]",
@@ -134,6 +137,9 @@ def _network(args):
 def run(args):
     if args.detach and args.interactive:  # the copy into the guest lives in this process
         raise InvalidSpec("stdin", "-i streams this process's stdin to the task: it cannot be used with -d")
+    if args.tty:  # docker's -it habit: say why, rather than argparse's "ignored explicit argument"
+        raise InvalidSpec("tty", "-t is refused: a task gets no terminal in vmiso (its stdout and stderr are the VM's serial "
+                                 "channels, so isatty() is false); use -i alone to stream stdin")
     if args.detach and args.rm:  # nothing stays to remove it when it ends
         raise InvalidSpec("rm", "--rm cannot be used with -d: a detached container stays until 'vmiso rm' "
                                 "(a run without -d removes its VM when the task ends)")
