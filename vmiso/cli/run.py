@@ -138,8 +138,8 @@ def run(args):
     if args.detach and args.interactive:  # the copy into the guest lives in this process
         raise InvalidSpec("stdin", "-i streams this process's stdin to the task: it cannot be used with -d")
     if args.tty:  # docker's -it habit: say why, rather than argparse's "ignored explicit argument"
-        raise InvalidSpec("tty", "-t is refused: a task gets no terminal in vmiso (its stdout and stderr are the VM's serial "
-                                 "channels, so isatty() is false); use -i alone to stream stdin")
+        raise InvalidSpec("tty", "-t is refused: a task gets no terminal in vmiso (its stdout and stderr are the "
+                                 "VM's serial channels, so isatty() is false); use -i alone to stream stdin")
     if args.detach and args.rm:  # nothing stays to remove it when it ends
         raise InvalidSpec("rm", "--rm cannot be used with -d: a detached container stays until 'vmiso rm' "
                                 "(a run without -d removes its VM when the task ends)")
