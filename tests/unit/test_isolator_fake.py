@@ -43,7 +43,10 @@ def test_launch_runs_and_a_guest_exit_is_concluded(iso, host, base):
     host.guest_exits("vmiso-c1", 3)
     t = iso.wait("c1", timeout=10)
     assert (t.state, t.reason, t.exit_code) == ("FAILED", "guest-exited", 3)
-    assert "overlay.qcow2" not in files(iso, "c1") and "seed.iso" not in files(iso, "c1")  # freed at once
+    # wait() returns once QEMU's exit told the status; the release follows libvirt's stop event,
+    # on a thread of its own: without a destroy, the files go when it is done.
+    iso.supervisor.await_release(iso.supervisor.get("c1"))
+    assert "overlay.qcow2" not in files(iso, "c1") and "seed.iso" not in files(iso, "c1")
     assert checkpoint(iso, "c1").termination["exit_code"] == 3
     assert iso.destroy("c1") == t and not os.path.exists(iso.workdir.container_dir("c1"))
 
