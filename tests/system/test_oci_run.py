@@ -3,6 +3,7 @@ config honoured as ``docker run`` does (Cmd, Entrypoint, Env, WorkingDir, User),
 streams as for micro, the runtime's additions and nothing of vmiso's in the task's view, and
 the image's tree inside the VM exactly as ``umoci unpack`` makes it on the host."""
 import os
+import re
 import stat
 import subprocess
 
@@ -211,3 +212,31 @@ def test_a_networked_task_gets_its_name_servers_and_address(busybox, iso, cid, l
         iso.destroy(cid + name[0])
         assert f"nameserver {prefix}1\n" in seen[name], seen
     assert f"{address}\t{cid}i\n" in seen["image"], seen
+
+
+def test_run_pulls_a_missing_image_first_as_docker_does(workdir, cid, tmp_path):
+    """--pull missing (the default): an image reference not stored yet is pulled from its registry
+    before the launch, saying so on stderr; --pull never refuses it; --pull always pulls again."""
+    layout = oci.busybox_image(IMAGE_CACHE)
+    (tmp_path / "registry").mkdir()
+    with oci.Registry(tmp_path / "registry") as registry:
+        ref = registry.push(layout, "1", f"autopull/busybox:{cid}")
+        try:
+            never = run("--name", cid, "--pull", "never", ref, "echo", "hi")
+            assert never.returncode == 125 and b"no such image" in never.stderr, never.stderr
+            assert store.lookup(workdir, ref) is None
+            first = run("--name", cid, ref, "echo", "hi")
+            assert (first.returncode, first.stdout) == (0, b"hi\n"), first.stderr
+            lines = first.stderr.decode().splitlines()
+            image = store.lookup(workdir, ref).sha256[:12]
+            assert lines[0] == f"vmiso: {ref}: not stored here: pulling it"
+            assert re.fullmatch(rf"vmiso: {re.escape(ref)}: pulled, image {image}, [0-3] of 3 layer\(s\) fetched",
+                                lines[1]), lines
+            assert ref in store.lookup(workdir, ref).names
+            stored = run("--name", cid, ref, "echo", "again")  # stored now: no pull, no word
+            assert (stored.returncode, stored.stdout, stored.stderr) == (0, b"again\n", b"")
+            again = run("--name", cid, "--pull", "always", ref, "true")
+            assert again.returncode == 0 and "pulling it again" in again.stderr.decode(), again.stderr
+            assert f"pulled, image {image}, 0 of 3 layer(s) fetched" in again.stderr.decode()  # all held
+        finally:
+            vmiso_cli("image", "rm", ref)

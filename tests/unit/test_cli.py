@@ -111,6 +111,40 @@ def test_the_run_command_does_not_import_the_other_commands():
     code = ("import sys; from vmiso.cli import main; main.build_parser(main._command_word(['run', '--', 'true']));"
             "print(sorted(m for m in sys.modules if m.startswith('vmiso.cli.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    # run.py's own helpers (taskdata, terminal) besides main and common: no other command's module.
-    assert out.strip() == str(["vmiso.cli.common", "vmiso.cli.main", "vmiso.cli.run", "vmiso.cli.taskdata",
-                               "vmiso.cli.terminal"])
+    # run.py's own helpers (pulling, taskdata, terminal) besides main and common: no other command's module.
+    assert out.strip() == str(["vmiso.cli.common", "vmiso.cli.main", "vmiso.cli.pulling", "vmiso.cli.run",
+                               "vmiso.cli.taskdata", "vmiso.cli.terminal"])
+
+
+@pytest.mark.parametrize("policy, image, stored, wanted", [
+    ("missing", "reg.example:5000/app:1", False, True),
+    ("missing", "python:3.12", False, True),
+    ("missing", "python:3.12", True, False),       # stored: run it
+    ("always", "python:3.12", True, True),         # a moved tag: pull again
+    ("never", "python:3.12", False, False),        # the launch says "no such image"
+    ("always", "micro", False, False),
+    ("always", "micro:stock", False, False),
+    ("always", "/srv/images/base.qcow2", False, False),  # host paths are never pulled
+    ("always", "./base.qcow2", False, False),
+    ("always", "Not_A_Reference", False, False),
+])
+def test_run_pulls_only_container_image_references(policy, image, stored, wanted):
+    from vmiso.cli import pulling
+
+    asked = []
+
+    def is_stored():
+        asked.append(image)
+        return stored
+
+    assert pulling.pull_wanted(policy, image, is_stored) is wanted
+    assert not asked or policy == "missing"  # the store is asked only when it decides
+
+
+def test_pull_always_through_the_agent_is_refused_and_missing_is_the_agents_to_report():
+    from vmiso.cli import pulling
+    from vmiso.errors import InvalidSpec
+
+    with pytest.raises(InvalidSpec, match="only root pulls images"):
+        pulling.pull_for_run(None, "python:3.12", "always", remote=True)
+    assert pulling.pull_for_run(None, "python:3.12", "missing", remote=True) is None

@@ -5,6 +5,8 @@ import json
 import sys
 import time
 
+from .pulling import OciProgress
+
 
 def register(sub):
     p = sub.add_parser("image", help="build, add, list and remove base images")
@@ -104,28 +106,6 @@ def _limits(args):
                          max_entries=args.max_files or default.max_entries)
 
 
-class _OciProgress:
-    """Layers and bytes on stderr while an image comes in, when a terminal watches; quiet otherwise."""
-
-    def __init__(self):
-        self.tty = sys.stderr.isatty()
-        self.shown = False
-
-    def __call__(self, phase, number, nbytes, layers):
-        if not self.tty:
-            return
-        text = {"wait": "waiting for the pull or import in progress (it holds the layer cache)",
-                "fetch": f"fetching: {number} new layer(s) of {layers}, {nbytes / (1 << 20):.1f} MiB",
-                "apply": f"applying layer {number} of {layers} ({nbytes / (1 << 20):.1f} MiB so far)",
-                "mkfs": f"making the file system ({nbytes / (1 << 20):.1f} MiB of files)"}[phase]
-        print(f"\r\x1b[Kvmiso: {text}", end="", file=sys.stderr, flush=True)
-        self.shown = True
-
-    def done(self):
-        if self.shown:
-            print(file=sys.stderr, flush=True)
-
-
 def import_image(args):
     from ..image.oci import importer
 
@@ -142,7 +122,7 @@ def pull(args):
 
 
 def _imported(args, work):
-    progress = _OciProgress()
+    progress = OciProgress()
     try:
         result = work(progress)
     finally:

@@ -10,7 +10,7 @@ import threading
 from .. import slurm
 from ..errors import InvalidSpec
 from ..spec import R_GUEST_EXITED, Resources, TaskSpec, validate_container_id
-from . import taskdata, terminal
+from . import pulling, taskdata, terminal
 from .common import exit_code_of, isolator
 
 TERM_GRACE = 5.0     # SIGTERM (scancel): the task's stop signal first, hard stop after this; within Slurm's KillWait
@@ -25,8 +25,12 @@ def register(sub):
         epilog="example: vmiso run --cpus 2 --mem 512 -- sh -c 'nproc; free -m'")
     p.add_argument("--image", default=None,
                    help="micro (default; micro:lean or micro:stock picks its kernel), a stored image's name or id "
-                        "(a container image too: 'vmiso image pull/import'), or the path of a base image. As with "
-                        "docker, a container image may also come first: vmiso run NAME:TAG [CMD...]")
+                        "(a container image too: pulled first when missing, see --pull), or the path of a base image. "
+                        "As with docker, a container image may also come first: vmiso run NAME:TAG [CMD...]")
+    p.add_argument("--pull", choices=pulling.PULL_POLICIES, default="missing",
+                   help="as docker's: a container image reference (NAME:TAG) not stored yet is pulled first "
+                        "(missing, the default); always: pull again even when stored (a moved tag); never: only "
+                        "what is stored. Root's runs only: through the agent a run uses what root pulled")
     p.add_argument("--entrypoint", metavar="CMD",
                    help="container images: run CMD instead of the image's Entrypoint (its Cmd is dropped; "
                         "'' clears it)")
@@ -147,6 +151,7 @@ def run(args):
     if args.name is not None:  # like the spec, before any agent or work dir is asked
         validate_container_id(args.name)
     iso = isolator(args)
+    pulling.pull_for_run(getattr(iso, "workdir", None), spec.image, args.pull, getattr(iso, "remote", False))
     if getattr(iso, "remote", False):  # the agent's client: it has no work dir to look into
         taken, record = _taken_remote(iso), None
     else:
