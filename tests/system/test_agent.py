@@ -307,6 +307,27 @@ def test_the_agent_survives_sigkill_and_owners_still_wait(env, users):
     assert env.as_user(a, "rm", "a-kept").returncode == 0
 
 
+@pytest.mark.oci
+def test_roots_run_pulls_a_missing_image_the_agent_runs_a_users_run_never_pulls(env, users, tmp_path):
+    from vmiso.paths import Workdir
+    from vmiso.testing import oci
+
+    layout = oci.busybox_image(Workdir(env.workdir).test_images)
+    (tmp_path / "registry").mkdir()
+    with oci.Registry(tmp_path / "registry") as registry:
+        user_ref = registry.push(layout, "1", "agentpull/user:1")
+        ref = registry.push(layout, "1", "agentpull/root:1")
+        user = env.as_user(users["a"], "run", user_ref, "echo", "hi")  # the agent's policy answers
+        assert user.returncode == 125 and b"pulling" not in user.stderr, text(user)
+        refused = env.as_user(users["a"], "run", "--pull", "always", user_ref, "true")
+        assert refused.returncode == 125 and b"pulling images is root's" in refused.stderr, text(refused)
+        assert user_ref not in env.as_root("image", "list").stdout.decode()  # nothing came in for users
+        root = env.as_root("run", "--name", "pulled", ref, "echo", "hi")  # pulled here, run by the agent
+        assert (root.returncode, root.stdout) == (0, b"hi\n"), text(root)
+        assert root.stderr.startswith(f"vmiso: {ref}: not stored here: pulling it\n".encode()), text(root)
+        assert env.as_root("image", "rm", ref).returncode == 0
+
+
 FLOOD = r"""
 import socket, sys
 conns = []

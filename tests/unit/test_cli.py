@@ -141,10 +141,13 @@ def test_run_pulls_only_container_image_references(policy, image, stored, wanted
     assert not asked or policy == "missing"  # the store is asked only when it decides
 
 
-def test_pull_always_through_the_agent_is_refused_and_missing_is_the_agents_to_report():
+def test_a_users_pull_always_through_the_agent_is_refused_and_missing_is_the_agents_to_report(monkeypatch):
+    import os
+
     from vmiso.cli import pulling
     from vmiso.errors import InvalidSpec
 
-    with pytest.raises(InvalidSpec, match="only root pulls images"):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(InvalidSpec, match="pulling images is root's"):
         pulling.pull_for_run(None, "python:3.12", "always", remote=True)
     assert pulling.pull_for_run(None, "python:3.12", "missing", remote=True) is None

@@ -48,11 +48,12 @@ def pull_wanted(policy, image, stored):
 
 def pull_for_run(workdir, image, policy, remote):
     """docker's --pull before ``vmiso run``'s launch: pull ``image`` into ``workdir`` when the
-    policy wants it, saying so on stderr. Through the agent (``remote``) the store is root's: a
-    missing image is the agent's to report, and --pull always is refused."""
-    if remote:
+    policy wants it, saying so on stderr. Pulling is root's (image/ commands run in-process, the
+    agent's launch then finds the image): an ordinary user's run through the agent (``remote``)
+    uses what is stored, and its --pull always is refused."""
+    if remote and os.geteuid() != 0:
         if policy == "always":
-            raise InvalidSpec("pull", "--pull always: only root pulls images ('vmiso image pull' as root); "
+            raise InvalidSpec("pull", "--pull always: pulling images is root's ('vmiso image pull' as root); "
                                       "through the agent a run uses what is stored")
         return None
     from ..image import store

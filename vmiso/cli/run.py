@@ -30,7 +30,7 @@ def register(sub):
     p.add_argument("--pull", choices=pulling.PULL_POLICIES, default="missing",
                    help="as docker's: a container image reference (NAME:TAG) not stored yet is pulled first "
                         "(missing, the default); always: pull again even when stored (a moved tag); never: only "
-                        "what is stored. Root's runs only: through the agent a run uses what root pulled")
+                        "what is stored. Root pulls; an ordinary user's run uses what root pulled")
     p.add_argument("--entrypoint", metavar="CMD",
                    help="container images: run CMD instead of the image's Entrypoint (its Cmd is dropped; "
                         "'' clears it)")
@@ -151,7 +151,7 @@ def run(args):
     if args.name is not None:  # like the spec, before any agent or work dir is asked
         validate_container_id(args.name)
     iso = isolator(args)
-    pulling.pull_for_run(getattr(iso, "workdir", None), spec.image, args.pull, getattr(iso, "remote", False))
+    pulling.pull_for_run(args.workdir, spec.image, args.pull, getattr(iso, "remote", False))
     if getattr(iso, "remote", False):  # the agent's client: it has no work dir to look into
         taken, record = _taken_remote(iso), None
     else:
