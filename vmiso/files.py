@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 from pathlib import Path
 
 
@@ -118,7 +119,13 @@ def _files(path):
 
 
 def disk_bytes(path):
-    """Bytes a directory tree takes on disk (allocated blocks)."""
+    """Bytes a directory tree, or a single file, takes on disk (allocated blocks)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:  # gone meanwhile: takes nothing
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_blocks * 512
     return sum(st.st_blocks * 512 for st in _files(path))
 
 

@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from .pulling import OciProgress
+from .pulling import WAITING, OciProgress
 
 
 def register(sub):
@@ -226,9 +226,8 @@ def rm(args):
 def gc(args):
     from ..image import store
 
-    found = store.gc(args.workdir, dry_run=args.dry_run, on_wait=lambda: print(
-        "vmiso: waiting for the image pull or import in progress (it holds the layer cache)", file=sys.stderr,
-        flush=True))
+    found = store.gc(args.workdir, dry_run=args.dry_run,
+                     on_wait=lambda: print(f"vmiso: {WAITING}", file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "bytes": sum(c.bytes for c in found),
                           "removed": [dataclasses.asdict(c) for c in found]}, indent=2))

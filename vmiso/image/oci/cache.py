@@ -81,15 +81,19 @@ def _ensure_layout(layout):
                            0o644)
 
 
+def _temp_entries(layout):
+    """What transfers are writing, or a killed one left (with the lock held: only the latter)."""
+    return [entry for entry in os.scandir(layout) if entry.name.startswith(_TEMP_PREFIX)]
+
+
 def _sweep(layout):
     """Temp files of a transfer that was killed (none runs now: the lock is held)."""
-    for entry in os.scandir(layout):
-        if entry.name.startswith(_TEMP_PREFIX):
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
+    for entry in _temp_entries(layout):
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 @contextlib.contextmanager
@@ -146,11 +150,10 @@ def collect(root, referenced_now, dry_run=False, on_wait=None):
     with files.locked(directory, on_wait):
         keep = referenced_now()
         _ensure_layout(layout)
-        found = [Collected("blob", e.name, e.path, e.stat(follow_symlinks=False).st_blocks * 512)
+        found = [Collected("blob", e.name, e.path, files.disk_bytes(e.path))
                  for e in sorted(os.scandir(layout / "blobs" / "sha256"), key=lambda e: e.name)
                  if e.name not in keep and e.is_file(follow_symlinks=False)]
-        found += [Collected("partial", e.name, e.path, _disk_bytes(e))
-                  for e in os.scandir(layout) if e.name.startswith(_TEMP_PREFIX)]
+        found += [Collected("partial", e.name, e.path, files.disk_bytes(e.path)) for e in _temp_entries(layout)]
         if not dry_run and found:
             _drop_index_entries(layout, keep)
             for c in found:
@@ -174,8 +177,3 @@ def _drop_index_entries(layout, keep):
         index["manifests"] = kept
         files.write_atomic(path, json.dumps(index).encode(), 0o644)
 
-
-def _disk_bytes(entry):
-    if entry.is_dir(follow_symlinks=False):
-        return files.disk_bytes(entry.path)
-    return entry.stat(follow_symlinks=False).st_blocks * 512
